@@ -1,0 +1,84 @@
+"""SparseQuantLinear: a linear layer that holds a packed compressed weight.
+
+It computes with a GPU kernel when one supports the weight's format on the input's device
+(``sparsequant.kernels.prepare`` decides), and otherwise with the reference path: dequantize
+the packed weight once into a dense matrix and call ``F.linear``. The reference path gives
+exactly the same weight values the compressor computed with.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint.packed import PackedWeight
+
+
+class SparseQuantLinear(nn.Module):
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, compute_dtype=torch.float32):
+        super().__init__()
+        self.in_features = packed.shape[1]
+        self.out_features = packed.shape[0]
+        self.storage = packed.storage
+        self.sparsity = packed.sparsity
+        self.quant = packed.quant
+        self.compute_dtype = compute_dtype
+        self._names = sorted(packed.tensors)
+        for name, t in packed.tensors.items():
+            self.register_buffer(f"packed_{name}", t)
+        self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+        self._dense_cache: torch.Tensor | None = None
+        self._kernel_state = None
+        self._kernel_key = None
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(
+            shape=(self.out_features, self.in_features),
+            storage=self.storage,
+            sparsity=self.sparsity,
+            quant=self.quant,
+            tensors={n: getattr(self, f"packed_{n}") for n in self._names},
+        )
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dequantized weight (cached; this is the reference path's only cost)."""
+        if self._dense_cache is None or self._dense_cache.device != self.packed_tensor_device():
+            self._dense_cache = self.packed.to_compressed().weight.to(self.compute_dtype)
+        return self._dense_cache
+
+    def packed_tensor_device(self) -> torch.device:
+        return getattr(self, f"packed_{self._names[0]}").device
+
+    def _kernel(self, x: torch.Tensor):
+        if x.device.type != "cuda":
+            return None
+        key = (x.device, x.dtype)
+        if self._kernel_key != key:
+            from .. import kernels
+
+            self._kernel_state = kernels.prepare(self.packed, x.device, x.dtype)
+            self._kernel_key = key
+        return self._kernel_state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self._kernel(x)
+        if state is not None:
+            from .. import kernels
+
+            y = kernels.linear(x, state)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        w = self.dense_weight()
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w.to(x.dtype), b)
+
+    def _apply(self, fn, recurse=True):
+        # Moving buffers invalidates derived caches.
+        self._dense_cache = None
+        self._kernel_state = None
+        self._kernel_key = None
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        q = "float" if self.quant is None else str(self.quant)
+        return f"in={self.in_features}, out={self.out_features}, sparsity={self.sparsity}, quant={q}, storage={self.storage}"
