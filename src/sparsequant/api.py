@@ -1,0 +1,40 @@
+"""The Python API: ``compress``, ``save``, ``load``."""
+from __future__ import annotations
+
+import torch
+
+from .data.windows import calibration_windows
+from .pipeline.sequential import CompressionResult, compress_model
+from .recipe import Recipe, get_recipe
+
+
+def compress(model, recipe: str | Recipe = "2:4-w4a16", *, tokenizer=None, calibration: torch.Tensor | None = None,
+             device=None, progress: bool = True) -> CompressionResult:
+    """Compress ``model`` in place and return a CompressionResult (packed weights + reports).
+
+    ``recipe`` is a preset name, a YAML path or a Recipe. Calibration windows come from
+    ``calibration`` (a ``[samples, seq_len]`` tensor of token ids) or, given a ``tokenizer``, from the
+    recipe's calibration source (the offline Wikipedia text by default).
+    """
+    recipe = get_recipe(recipe)
+    if calibration is None:
+        if tokenizer is None:
+            raise ValueError("compress() needs a tokenizer or explicit calibration token windows")
+        c = recipe.calibration
+        calibration = calibration_windows(tokenizer, c.samples, c.seq_len, c.seed, c.source)
+    return compress_model(model, recipe, calibration, device=device, progress=progress)
+
+
+def save(result: CompressionResult, out, tokenizer=None, overwrite: bool = False, extra: dict | None = None):
+    """Write a packed checkpoint folder (atomic); returns its SizeReport."""
+    from .checkpoint.io import save_checkpoint
+
+    return save_checkpoint(result, out, tokenizer=tokenizer, extra=extra, overwrite=overwrite)
+
+
+def load(path, device="cpu"):
+    """Load a compressed checkpoint: ``(model, tokenizer)``; linears are SparseQuantLinear modules."""
+    from .checkpoint.io import load_checkpoint
+
+    model, tokenizer, _ = load_checkpoint(path, device=device)
+    return model, tokenizer

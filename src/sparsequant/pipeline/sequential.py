@@ -1,0 +1,192 @@
+"""The sequential calibration engine: one decoder layer at a time.
+
+For each layer: hooks collect input statistics of its linears while the (still dense) layer runs
+on the calibration batches; the solvers compress each linear; the compressed layer runs again
+and its outputs become the next layer's inputs, so later layers calibrate on what the
+compressed model really produces. With ``true_sequential`` the linears are compressed group by
+group (q/k/v, then o, then gate/up, then down), each group seeing the outputs of the groups
+already compressed. Memory holds one layer, its statistics and the calibration hidden states
+(kept on the CPU when computing on a GPU).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..checkpoint.packed import PackedWeight
+from ..models.families import decoder_layers, layer_linears, layers_prefix
+from ..recipe import Recipe
+from ..solvers import compress_weight
+from .capture import LayerInputs, capture_layer_inputs, layer_output, move_kwargs
+from .stats import StatsHooks, input_groups
+
+ERROR_TOKENS = 2048  # inputs kept per linear to measure its exact output error
+
+
+@dataclass
+class LinearReport:
+    name: str
+    shape: tuple[int, int]
+    rel_error: float  # ||(W - W') X|| / ||W X|| on calibration inputs of this linear
+    seconds: float
+    bits_per_weight: float
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class LayerReport:
+    index: int
+    rel_error: float  # ||Y - Y'|| / ||Y|| of the whole decoder layer on calibration inputs
+    seconds: float
+
+
+@dataclass
+class CompressionResult:
+    model: nn.Module
+    recipe: Recipe
+    packed: dict[str, PackedWeight]
+    linears: list[LinearReport]
+    layers: list[LayerReport]
+    storage_dtype: torch.dtype
+    seconds: float
+
+
+class _InputSampler:
+    """Keeps the first ERROR_TOKENS input rows a linear sees (for its exact error)."""
+
+    def __init__(self, linears: dict[str, nn.Linear]):
+        self.rows: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+        self.count = {n: 0 for n in linears}
+        self.handles = [lin.register_forward_hook(self._hook(n)) for n, lin in linears.items()]
+
+    def _hook(self, name):
+        def hook(mod, inp, out):
+            if self.count[name] >= ERROR_TOKENS:
+                return
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1])[: ERROR_TOKENS - self.count[name]]
+            self.rows[name].append(x.float())
+            self.count[name] += x.shape[0]
+
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def sample(self, name) -> torch.Tensor:
+        return torch.cat(self.rows[name])
+
+
+def _rel_error(w: torch.Tensor, w_new: torch.Tensor, x: torch.Tensor) -> float:
+    ref = x @ w.float().T
+    return float((x @ (w.float() - w_new.float()).T).norm() / ref.norm().clamp_min(1e-30))
+
+
+def storage_dtype_for(model: nn.Module) -> torch.dtype:
+    dtype = next(model.parameters()).dtype
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+
+
+@torch.no_grad()
+def compress_model(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor, *, device=None,
+                   progress: bool = True) -> CompressionResult:
+    """Compress ``model`` in place following ``recipe``; return packed weights and reports."""
+    t_start = time.perf_counter()
+    model.eval()
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    offload = device.type == "cuda"
+    store = torch.device("cpu") if offload else device
+    storage_dtype = storage_dtype_for(model)
+    layers = decoder_layers(model)
+    prefix = layers_prefix(model)
+
+    # The embedding stage runs where the model lives; the layers are moved one by one.
+    if offload:
+        model.to(device)
+    inputs: LayerInputs = capture_layer_inputs(model, calib_ids, recipe.calibration.batch_size, store)
+    if offload:
+        model.to(home)
+
+    packed: dict[str, PackedWeight] = {}
+    linear_reports: list[LinearReport] = []
+    layer_reports: list[LayerReport] = []
+    hidden = inputs.hidden
+    bar = tqdm(total=len(layers), desc="compress", unit="layer", disable=not progress)
+    for index, layer in enumerate(layers):
+        t_layer = time.perf_counter()
+        layer.to(device)
+        kwargs = [move_kwargs(kw, device) for kw in inputs.kwargs[index]]
+        linears = layer_linears(layer)
+        plans = {n: recipe.plan_for(f"{prefix}.{index}.{n}") for n in linears}
+        targets = {n: lin for n, lin in linears.items() if plans[n] is not None}
+        if recipe.true_sequential and targets:
+            groups = [[n for n in g if n in targets] for g in
+                      input_groups(layer, targets, hidden[0].to(device), kwargs[0])]
+            groups = [g for g in groups if g]
+        else:
+            groups = [list(targets)]
+        dense_out: list[torch.Tensor] | None = None
+        for gi, group in enumerate(groups):
+            group_linears = {n: targets[n] for n in group}
+            hessian_for = {n for n in group if plans[n].needs_hessian}
+            sampler = _InputSampler(group_linears)
+            try:
+                with StatsHooks(group_linears, hessian_for, device) as hooks:
+                    outs = [layer_output(layer, h.to(device), kw).to(store) for h, kw in zip(hidden, kwargs)]
+            finally:
+                sampler.remove()
+            if gi == 0:
+                dense_out = outs
+            stats = hooks.results()
+            for name in group:
+                lin = group_linears[name]
+                full = f"{prefix}.{index}.{name}"
+                t0 = time.perf_counter()
+                info: dict = {}
+                w_old = lin.weight.detach().clone()
+                cw = compress_weight(lin.weight.detach(), stats[name], plans[name], storage_dtype, info=info)
+                lin.weight.data.copy_(cw.weight.to(lin.weight.dtype))
+                pw = PackedWeight.from_compressed(cw, storage_dtype)
+                packed[full] = PackedWeight(pw.shape, pw.storage, pw.sparsity, pw.quant,
+                                            {k: v.cpu() for k, v in pw.tensors.items()})
+                seconds = time.perf_counter() - t0
+                err = _rel_error(w_old, lin.weight.detach(), sampler.sample(name).to(device))
+                linear_reports.append(LinearReport(full, cw.shape, err, seconds, pw.bits_per_weight(),
+                                                   {k: v for k, v in info.items() if _jsonable(v)}))
+            del stats, hooks
+        if dense_out is None:  # nothing to compress in this layer
+            dense_out = [layer_output(layer, h.to(device), kw).to(store) for h, kw in zip(hidden, kwargs)]
+            hidden_next = dense_out
+        else:
+            hidden_next = [layer_output(layer, h.to(device), kw).to(store) for h, kw in zip(hidden, kwargs)]
+        num = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(hidden_next, dense_out))
+        den = sum(float(b.float().pow(2).sum()) for b in dense_out)
+        layer_err = (num / max(den, 1e-30)) ** 0.5
+        hidden = hidden_next
+        if offload:
+            layer.to(home)
+        layer_reports.append(LayerReport(index, layer_err, time.perf_counter() - t_layer))
+        bar.set_postfix_str(f"layer {index} rel.err {layer_err:.4f}")
+        bar.update(1)
+    bar.close()
+    round_uncompressed_to_storage(model, set(packed), storage_dtype)
+    return CompressionResult(model, recipe, packed, linear_reports, layer_reports, storage_dtype,
+                             time.perf_counter() - t_start)
+
+
+def _jsonable(v) -> bool:
+    return isinstance(v, (int, float, str, bool)) or v is None
+
+
+def round_uncompressed_to_storage(model: nn.Module, compressed: set[str], storage_dtype: torch.dtype) -> None:
+    """Round every tensor the checkpoint stores as-is to its storage dtype, in memory too, so the
+    saved checkpoint reproduces this model exactly."""
+    compressed_weights = {f"{n}.weight" for n in compressed}
+    for name, p in model.named_parameters():
+        if name not in compressed_weights and p.dtype != storage_dtype and p.is_floating_point():
+            p.data.copy_(p.data.to(storage_dtype).to(p.dtype))

@@ -1,0 +1,166 @@
+"""Recipe: a validated description of a compression run, with YAML in/out and named presets."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from .errors import RecipeError
+from .patterns import SparsitySpec
+from .quant import QuantSpec
+from .solvers import LinearPlan
+from .solvers.registry import JOINT, PRUNERS, QUANTIZERS
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str = "rtn"  # rtn | gptq
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    source: str = "wikipedia"
+    samples: int = 64
+    seq_len: int = 512
+    seed: int = 0
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to do to a model.
+
+    method: pruning method (magnitude, wanda, sparsegpt, ...). pattern: "2:4", "4:8", "50%",
+    "50%-matrix" or "dense". quant: None for no quantization. skip: glob patterns of linear
+    names (e.g. ``"*.mlp.down_proj"`` or ``"model.layers.0.*"``) left untouched. joint: prune and
+    quantize together when the method can (SparseGPT). options: extra solver arguments.
+    """
+
+    name: str = "custom"
+    method: str = "wanda"
+    pattern: str = "2:4"
+    quant: QuantConfig | None = field(default_factory=QuantConfig)
+    joint: bool = True
+    true_sequential: bool = False
+    skip: tuple[str, ...] = ()
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        sparsity = SparsitySpec.parse(self.pattern)  # raises on a bad pattern
+        if not sparsity.is_dense and self.method not in PRUNERS:
+            raise RecipeError(f"unknown pruning method {self.method!r}; available: {', '.join(sorted(PRUNERS))}")
+        if self.quant is not None:
+            if self.quant.method not in QUANTIZERS:
+                raise RecipeError(
+                    f"unknown quantizer {self.quant.method!r}; available: {', '.join(sorted(QUANTIZERS))}"
+                )
+            self.quant.spec()  # raises on bad bits / group size
+        if sparsity.is_dense and self.quant is None:
+            raise RecipeError("this recipe neither prunes nor quantizes: give a pattern or a quant section")
+        if self.calibration.samples < 1 or self.calibration.seq_len < 2:
+            raise RecipeError("calibration needs at least one sample of at least two tokens")
+
+    @property
+    def sparsity(self) -> SparsitySpec:
+        return SparsitySpec.parse(self.pattern)
+
+    def plan(self) -> LinearPlan:
+        quant = None if self.quant is None else self.quant.spec()
+        return LinearPlan(
+            prune=self.method,
+            sparsity=self.sparsity,
+            quantizer=self.quant.method if self.quant else "rtn",
+            quant=quant,
+            joint=self.joint and self.method in JOINT,
+            options=tuple(sorted(self.options.items())),
+        )
+
+    def plan_for(self, linear_name: str) -> LinearPlan | None:
+        """The plan for one linear, or None when a skip pattern leaves it untouched."""
+        if any(fnmatch.fnmatch(linear_name, pat) for pat in self.skip):
+            return None
+        return self.plan()
+
+    # -- description ------------------------------------------------------------------------
+    def describe(self) -> dict[str, str]:
+        q = self.quant
+        return {
+            "method": self.method if not self.sparsity.is_dense else "-",
+            "pattern": str(self.sparsity),
+            "quant": "-" if q is None else f"{q.method} int{q.bits} " + (f"g{q.group_size}" if q.group_size else "per-channel") + (" sym" if q.symmetric else " asym"),
+        }
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["skip"] = list(self.skip)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        d = dict(d)
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise RecipeError(f"unknown recipe keys: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        try:
+            if d.get("quant") is not None:
+                d["quant"] = QuantConfig(**d["quant"])
+            if "calibration" in d:
+                d["calibration"] = CalibrationConfig(**d["calibration"])
+        except TypeError as exc:
+            raise RecipeError(f"bad recipe section: {exc}") from None
+        if "skip" in d:
+            d["skip"] = tuple(d["skip"] or ())
+        return cls(**d)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Recipe":
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise RecipeError("a recipe YAML file must hold a mapping")
+        return cls.from_dict(data)
+
+    def with_(self, **changes) -> "Recipe":
+        return replace(self, **changes)
+
+
+def _int4(method="rtn"):
+    return QuantConfig(method=method, bits=4, group_size=128, symmetric=True)
+
+
+PRESETS: dict[str, Recipe] = {
+    "2:4-w4a16": Recipe(name="2:4-w4a16", method="wanda", pattern="2:4", quant=_int4()),
+    "50%-w4a16": Recipe(name="50%-w4a16", method="wanda", pattern="50%", quant=_int4()),
+    "w4a16": Recipe(name="w4a16", method="magnitude", pattern="dense", quant=_int4()),
+    "w8a16": Recipe(name="w8a16", method="magnitude", pattern="dense",
+                    quant=QuantConfig(bits=8, group_size=None, symmetric=True)),
+    "2:4": Recipe(name="2:4", method="wanda", pattern="2:4", quant=None),
+    "4:8": Recipe(name="4:8", method="wanda", pattern="4:8", quant=None),
+    "50%": Recipe(name="50%", method="wanda", pattern="50%", quant=None),
+}
+
+
+def get_recipe(name_or_path: str | Recipe) -> Recipe:
+    """A named preset, or a YAML file."""
+    if isinstance(name_or_path, Recipe):
+        return name_or_path
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        return Recipe.from_yaml(path.read_text())
+    raise RecipeError(f"unknown recipe {name_or_path!r}; presets: {', '.join(PRESETS)}, or a YAML file")
