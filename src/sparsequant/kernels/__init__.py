@@ -1,18 +1,108 @@
 """GPU kernels for packed sparse + quantized weights.
 
 ``prepare(packed, device, dtype)`` returns a kernel state for a PackedWeight when some kernel
-supports its format on ``device`` (or None: the caller then uses the reference path), and
-``linear(x, state)`` computes ``x @ W^T`` with it.
+supports its format on ``device`` (or None: the caller then uses the reference path in
+``kernels.reference``), and ``linear(x, state)`` computes ``x @ W^T`` with it.
+
+What runs where (see docs/kernels.md):
+- 'nm24' int4/int8 codes, group size a multiple of 32 or per channel, float16/bfloat16
+  activations on CUDA: the Triton decode kernel up to ``DECODE_MAX_TOKENS`` tokens (its fp16 path
+  is inline PTX), the Triton prefill kernel (expand to dense in registers + tl.dot) above.
+- W8A8 (``act_quant='int8'|'fp8'``, opt-in because it changes the activations' precision):
+  cuSPARSELt 2:4 int8/fp8 with a per-token activation quantization kernel.
+- Everything else (CPU, dense or bitmap storage, other bit widths or group sizes): None.
 """
 from __future__ import annotations
 
 import torch
 
+from . import reference  # noqa: F401  (part of the public kernel API)
 
-def prepare(packed, device: torch.device, dtype: torch.dtype):
-    """No kernel is registered yet: every format uses the reference path."""
-    return None
+#: Largest token count the decode kernel handles; the prefill kernel takes more (from the sweep).
+DECODE_MAX_TOKENS = 4
+
+
+class Nm24State:
+    """Prepared W4A16 / W8A16 2:4 weight: the kernel layout plus split-K workspace."""
+
+    def __init__(self, packed, device: torch.device, dtype: torch.dtype):
+        from .layout import build_layout
+        from .triton_decode import DecodeWorkspace
+
+        self.layout = build_layout(packed, device)
+        self.dtype = dtype
+        self.device = device
+        self.workspace = DecodeWorkspace(self.layout.n, device)
+        self.kind = f"nm24-w{self.layout.bits}a16"
+
+    def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
+        from .triton_decode import decode_linear
+        from .triton_prefill import prefill_linear
+
+        if x2d.shape[0] <= DECODE_MAX_TOKENS:
+            return decode_linear(x2d, self.layout, self.workspace)
+        return prefill_linear(x2d, self.layout)
+
+
+class W8A8State:
+    """2:4 weight as int8/fp8 for cuSPARSELt with dynamic per-token activation quantization."""
+
+    def __init__(self, packed, device: torch.device, dtype: torch.dtype, act_quant: str):
+        from .cslt import CsltW8A8, weight_from_dense
+
+        q = packed.quant
+        if q.bits == 8 and q.symmetric and q.group_size is None and act_quant == "int8":
+            # The stored codes already are per-channel int8: use them as they are.
+            w = reference.dequantize_nm24(packed)
+            scale = packed.tensors["scales"][:, 0].float()
+            wq = torch.round(w / scale[:, None]).clamp_(-128, 127).to(torch.int8)
+        else:
+            wq, scale = weight_from_dense(reference.dequantize_nm24(packed), act_quant)
+        self.op = CsltW8A8(wq.to(device), scale.to(device), act_quant, dtype)
+        self.dtype = dtype
+        self.kind = f"nm24-w8a8-{act_quant}"
+
+    def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
+        return self.op(x2d)
+
+
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def prepare(packed, device, dtype: torch.dtype, act_quant: str | None = None):
+    """A kernel state for ``packed`` on ``device`` with activations of ``dtype``, or None."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if packed.storage != "nm24" or packed.quant is None or packed.quant.bits not in (4, 8):
+        return None
+    from .layout import kernel_group
+
+    if act_quant is not None:
+        if act_quant not in ("int8", "fp8"):
+            raise ValueError(f"act_quant must be None, 'int8' or 'fp8', got {act_quant!r}")
+        n, k = packed.shape
+        if n % 16 or k % 16:
+            return None
+        return W8A8State(packed, device, dtype, act_quant)
+    if kernel_group(packed) is None or not _triton_ok():
+        return None
+    return Nm24State(packed, device, dtype)
 
 
 def linear(x: torch.Tensor, state) -> torch.Tensor:
-    raise NotImplementedError("kernels.linear called without a kernel state")
+    """``x @ W^T`` through a prepared kernel state; x is ``[..., K]``."""
+    if state is None:
+        raise ValueError("kernels.linear needs a state from kernels.prepare (None means: use the reference path)")
+    if x.dtype != state.dtype:
+        raise TypeError(f"kernel state was prepared for {state.dtype} activations, got {x.dtype}")
+    lead = x.shape[:-1]
+    y = state(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*lead, y.shape[-1])

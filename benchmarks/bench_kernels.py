@@ -1,0 +1,365 @@
+"""Check and time the sparsequant GPU kernels against baselines measured in the same run.
+
+    PYTHONPATH=src python benchmarks/bench_kernels.py [--quick] [--sweep] [--out DIR]
+
+1. Correctness: every kernel vs the float32 reference (kernels/reference.py) at the benchmark
+   shapes, outputs poisoned with NaN first, fresh random inputs.
+2. Timing: median over replays of a CUDA graph holding R calls that rotate over several weight
+   copies (so L2 holds none of them), divided by R; plus the eager call time (host loop).
+   Baselines: cuBLAS fp16 F.linear, torch._weight_int4pack_mm (dense int4 g128, bf16),
+   torch._scaled_mm (dense fp8, row-wise scales), torch._int_mm (dense int8).
+3. --sweep: try decode / prefill tile configurations per shape and report the best.
+Prints a short table last and writes JSON to $OUT (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sparsequant.kernels import reference
+from sparsequant.kernels.cslt import CsltW8A8, quantize_per_token, weight_from_dense
+from sparsequant.kernels.layout import build_layout
+from sparsequant.kernels.testing import random_packed24
+from sparsequant.kernels.triton_decode import DecodeWorkspace, decode_linear, pick_decode_config
+from sparsequant.kernels.triton_prefill import pick_prefill_config, prefill_linear
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)]  # out x in
+L2_BYTES = 50 * 2**20
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def rel_err(y, ref):
+    y = y.float()
+    if not torch.isfinite(y).all():
+        return float("inf")
+    return ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, min(32, math.ceil(3 * L2_BYTES / max(nbytes, 1))))
+
+
+def time_graph(fns, reps_per_graph: int | None = None, replays: int = 20) -> float:
+    """Median microseconds per call of ``fns`` (rotated) replayed inside one CUDA graph."""
+    reps = reps_per_graph or max(len(fns), 20)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(reps):
+            fns[i % len(fns)]()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000.0 / reps)
+    del g
+    return statistics.median(times)
+
+
+def time_eager(fns, iters: int = 50) -> float:
+    """Median microseconds per call from the host: launch overhead included."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for i in range(iters):
+            fns[i % len(fns)]()
+        torch.cuda.synchronize()
+        out.append((time.perf_counter() - t) * 1e6 / iters)
+    return statistics.median(out)
+
+
+def clone_layout(lay):
+    import copy
+
+    c = copy.copy(lay)
+    c.meta, c.vals, c.scales = lay.meta.clone(), lay.vals.clone(), lay.scales.clone()
+    c.zeros = None if lay.zeros is None else lay.zeros.clone()
+    return c
+
+
+def int4pack_baseline(n, k, dev):
+    """Dense int4 g128 through torch._weight_int4pack_mm (tinygemm), or None if unavailable."""
+    try:
+        w = torch.randint(0, 16, (n, k), dtype=torch.int32, device=dev)
+        packed_u8 = ((w[:, 0::2] << 4) | w[:, 1::2]).to(torch.uint8)
+        wp = torch._convert_weight_to_int4pack(packed_u8, 8)
+        sz = torch.randn(k // 128, n, 2, device=dev, dtype=torch.bfloat16) * 0.01
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        torch._weight_int4pack_mm(x, wp, 128, sz)
+        return wp, sz
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        log(f"  int4pack baseline unavailable: {type(exc).__name__}: {str(exc)[:120]}")
+        return None
+
+
+def check_correctness(dev, results, quick):
+    log("== correctness vs float32 reference (outputs poisoned with NaN) ==")
+    cases = []
+    for (n, k) in SHAPES[: 2 if quick else None]:
+        cases.append((n, k, 4, 128, True, torch.float16))
+    cases += [(4096, 4096, 8, None, True, torch.float16), (4096, 4096, 4, 64, False, torch.bfloat16),
+              (11008, 4096, 8, 32, False, torch.bfloat16), (4104, 4136, 4, 128, True, torch.float16)]
+    ok = True
+    for (n, k, bits, g, sym, dt) in cases:
+        pk = random_packed24(n, k, bits, g, sym, device=dev, seed=n + k + bits)
+        lay = build_layout(pk, dev)
+        w = reference.dequantize_nm24(pk)
+        for m in (1, 3, 16, 127, 2048):
+            x = torch.randn(m, k, device=dev).to(dt)
+            ref = x.float() @ w.t()
+            outs = {}
+            if m <= 16:
+                for asm in ([True, False] if dt == torch.float16 else [False]):
+                    y = torch.full((m, n), float("nan"), dtype=dt, device=dev)
+                    decode_linear(x, lay, use_asm=asm, out=y)
+                    outs[f"decode{'-ptx' if asm else '-triton'}"] = rel_err(y, ref)
+            y = torch.full((m, n), float("nan"), dtype=dt, device=dev)
+            prefill_linear(x, lay, out=y)
+            outs["prefill"] = rel_err(y, ref)
+            tol = 2e-3 if dt == torch.float16 else 1e-2
+            for name, e in outs.items():
+                good = e < tol
+                ok &= good
+                results["correctness"].append(dict(kernel=name, n=n, k=k, bits=bits, group=g, sym=sym,
+                                                   dtype=str(dt), m=m, rel_err=e, ok=good))
+            log(f"  {n}x{k} int{bits} g{g} {'sym' if sym else 'asym'} {str(dt)[6:]} m={m}: "
+                + " ".join(f"{a}={b:.2e}" for a, b in outs.items()))
+    # W8A8 through cuSPARSELt
+    for kind in ("int8", "fp8"):
+        n, k = 4096, 4096
+        pk = random_packed24(n, k, 8, None, True, device=dev, seed=7)
+        wq, ws = weight_from_dense(reference.dequantize_nm24(pk), kind)
+        op = CsltW8A8(wq, ws, kind, torch.bfloat16)
+        for m in (16, 127, 2048):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            xq, xs = quantize_per_token(x, kind)
+            rq, rs = reference.quantize_per_token(x, kind)
+            q_same = (xq.float() == rq.float()).float().mean().item()
+            ref = reference.linear_w8a8(rq, rs, wq, ws)
+            e = rel_err(op(x), ref)
+            good = e < 1e-2 and q_same > 0.999
+            ok &= good
+            results["correctness"].append(dict(kernel=f"cslt-{kind}", n=n, k=k, m=m, rel_err=e,
+                                               quant_match=q_same, ok=good))
+            log(f"  cslt {kind} {n}x{k} m={m}: rel_err={e:.2e} act-quant match={q_same:.5f}")
+    return ok
+
+
+def bench_decode_prefill(dev, results, quick, sweep):
+    log("== timing W4A16 2:4 (int4 g128) vs baselines ==")
+    token_counts = [1, 16, 128, 2048] if quick else [1, 2, 4, 8, 16, 32, 128, 512, 2048]
+    for (n, k) in SHAPES[: 2 if quick else None]:
+        pk = random_packed24(n, k, 4, 128, True, device=dev, seed=1)
+        lay0 = build_layout(pk, dev)
+        wbytes = lay0.nbytes()
+        lays = [lay0] + [clone_layout(lay0) for _ in range(copies_for(wbytes) - 1)]
+        wss = [DecodeWorkspace(n, dev) for _ in lays]
+        w16 = reference.dequantize_nm24(pk).half()
+        dense = [w16] + [w16.clone() for _ in range(copies_for(w16.numel() * 2) - 1)]
+        i4 = int4pack_baseline(n, k, dev)
+        i4s = None if i4 is None else [i4] + [(i4[0].clone(), i4[1].clone()) for _ in range(copies_for(n * k // 2) - 1)]
+        row = dict(n=n, k=k, sparse_bytes=wbytes, fp16_bytes=n * k * 2)
+        for m in token_counts:
+            x = torch.randn(m, k, device=dev, dtype=torch.float16)
+            xb = x.bfloat16()
+            r = dict(n=n, k=k, m=m)
+            r["cublas_fp16_us"] = time_graph([lambda w=w: F.linear(x, w) for w in dense])
+            if i4s is not None and m <= 2048:
+                r["int4pack_us"] = time_graph([lambda p=p: torch._weight_int4pack_mm(xb, p[0], 128, p[1]) for p in i4s])
+            if m <= 16:
+                r["decode_ptx_us"] = time_graph([lambda l=l, ws=ws: decode_linear(x, l, ws) for l, ws in zip(lays, wss)])
+                r["decode_triton_us"] = time_graph(
+                    [lambda l=l, ws=ws: decode_linear(x, l, ws, use_asm=False) for l, ws in zip(lays, wss)])
+                r["decode_eager_us"] = time_eager([lambda l=l, ws=ws: decode_linear(x, l, ws) for l, ws in zip(lays, wss)])
+            if m >= 2:
+                r["prefill_us"] = time_graph([lambda l=l: prefill_linear(x, l) for l in lays[:4]])
+            if sweep and m in (1, 4, 16):
+                r["decode_sweep"] = sweep_decode(x, lays, wss, n, k)
+            if sweep and m in (16, 128, 2048):
+                r["prefill_sweep"] = sweep_prefill(x, lays, n, k)
+            results["timing"].append(r)
+            log("  " + json.dumps({a: (round(b, 2) if isinstance(b, float) else b) for a, b in r.items()
+                                   if not a.endswith("sweep")}))
+        del lays, dense, i4s
+        torch.cuda.empty_cache()
+
+
+def sweep_decode(x, lays, wss, n, k):
+    m = x.shape[0]
+    base = pick_decode_config(m, n, k)
+    out = []
+    for bn in (64, 128, 256):
+        for bu in (1, 2, 4):
+            for sf in (0.5, 1, 2):
+                for nw in (4, 8):
+                    if nw == 8 and bn < 256:
+                        continue
+                    cfg = dict(base, BLOCK_N=bn, BLOCK_U=bu, num_warps=nw)
+                    cfg["SPLIT"] = max(1, int(base["SPLIT"] * sf * 128 / bn))
+                    try:
+                        t = time_graph([lambda l=l, ws=ws: decode_linear(x, l, ws, config=cfg) for l, ws in zip(lays, wss)],
+                                       replays=10)
+                    except Exception as exc:  # noqa: BLE001
+                        log(f"    decode cfg {cfg} failed: {type(exc).__name__} {str(exc)[:100]}")
+                        continue
+                    out.append(dict(cfg=cfg, us=t))
+    out.sort(key=lambda d: d["us"])
+    log(f"    decode sweep m={m} {n}x{k}: best {out[0] if out else None}")
+    return out[:5]
+
+
+def sweep_prefill(x, lays, n, k):
+    m = x.shape[0]
+    cands = []
+    for bm in (16, 32, 64, 128, 256):
+        if bm > max(16, 2 * m):
+            continue
+        for bn in (64, 128, 256):
+            for bu in (1, 2):
+                for nw in (4, 8):
+                    if bm * bn >= 128 * 256 and nw == 4:
+                        continue
+                    cands.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_U=bu, GROUP_M=8, num_warps=nw, num_stages=3))
+    out = []
+    for cfg in cands:
+        try:
+            t = time_graph([lambda l=l: prefill_linear(x, l, config=cfg) for l in lays[:2]], replays=5,
+                           reps_per_graph=4 if m >= 512 else 20)
+        except Exception as exc:  # noqa: BLE001
+            log(f"    prefill cfg {cfg} failed: {type(exc).__name__} {str(exc)[:100]}")
+            continue
+        out.append(dict(cfg=cfg, us=t))
+    out.sort(key=lambda d: d["us"])
+    log(f"    prefill sweep m={m} {n}x{k}: best {out[0] if out else None}")
+    return out[:5]
+
+
+def bench_w8a8(dev, results, quick):
+    log("== timing W8A8 2:4 (cuSPARSELt) vs dense int8 / fp8 / fp16 ==")
+    for (n, k) in SHAPES[: 2 if quick else None]:
+        w = reference.dequantize_nm24(random_packed24(n, k, 8, None, True, device=dev, seed=3))
+        w16 = w.half()
+        for m in ([2048] if quick else [128, 2048, 8192]):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            r = dict(n=n, k=k, m=m)
+            r["cublas_fp16_us"] = time_graph([lambda: F.linear(x.half(), w16)], reps_per_graph=10)
+            for kind in ("int8", "fp8"):
+                wq, ws = weight_from_dense(w, kind)
+                ops = [CsltW8A8(wq, ws, kind, torch.bfloat16) for _ in range(2)]
+                xq, xs = quantize_per_token(x, kind)
+                r[f"cslt_{kind}_mm_us"] = time_graph([lambda o=o: o.mm_only(xq) for o in ops], reps_per_graph=10)
+                r[f"cslt_{kind}_full_us"] = time_graph([lambda o=o: o(x) for o in ops], reps_per_graph=10)
+                r[f"cslt_{kind}_eager_us"] = time_eager([lambda o=o: o(x) for o in ops], iters=20)
+                r[f"actquant_{kind}_us"] = time_graph([lambda: quantize_per_token(x, kind)], reps_per_graph=10)
+                if kind == "int8":
+                    wt = wq.t()
+                    r["int_mm_us"] = time_graph([lambda: torch._int_mm(xq, wt)], reps_per_graph=10)
+                else:
+                    wt = wq.t()
+                    sa = xs[:, None].contiguous()
+                    sb = ws[None, :].float().contiguous()
+                    try:
+                        r["scaled_mm_fp8_us"] = time_graph(
+                            [lambda: torch._scaled_mm(xq, wt, sa, sb, out_dtype=torch.bfloat16)], reps_per_graph=10)
+                    except Exception as exc:  # noqa: BLE001
+                        log(f"  _scaled_mm rowwise failed: {exc}")
+            results["w8a8"].append(r)
+            log("  " + json.dumps({a: (round(b, 2) if isinstance(b, float) else b) for a, b in r.items()}))
+        torch.cuda.empty_cache()
+
+
+def geomean(v):
+    v = [x for x in v if x and x > 0]
+    return math.exp(sum(map(math.log, v)) / len(v)) if v else float("nan")
+
+
+def summary(results):
+    lines = ["", "== summary (ratios = baseline time / our time, same run) =="]
+    t = results["timing"]
+    for m in sorted({r["m"] for r in t}):
+        rows = [r for r in t if r["m"] == m]
+        ours = [min(r.get("decode_ptx_us", 1e30), r.get("prefill_us", 1e30)) for r in rows]
+        fp16 = geomean([r["cublas_fp16_us"] / o for r, o in zip(rows, ours)])
+        i4 = geomean([r["int4pack_us"] / o for r, o in zip(rows, ours) if "int4pack_us" in r])
+        lines.append(f"W4A16 2:4 m={m:5d}: vs cuBLAS fp16 {fp16:5.2f}x   vs int4pack {i4:5.2f}x   "
+                     + " ".join(f"{r['n']}x{r['k']}:{o:.1f}us/{r['cublas_fp16_us']:.1f}" for r, o in zip(rows, ours)))
+    for r in results["w8a8"]:
+        s = [f"W8A8 {r['n']}x{r['k']} m={r['m']}:"]
+        if "cslt_fp8_mm_us" in r and "scaled_mm_fp8_us" in r:
+            s.append(f"fp8 mm vs _scaled_mm {r['scaled_mm_fp8_us'] / r['cslt_fp8_mm_us']:.2f}x "
+                     f"(full {r['scaled_mm_fp8_us'] / r['cslt_fp8_full_us']:.2f}x) "
+                     f"vs fp16 {r['cublas_fp16_us'] / r['cslt_fp8_full_us']:.2f}x")
+        if "cslt_int8_mm_us" in r:
+            s.append(f"int8 mm vs _int_mm {r['int_mm_us'] / r['cslt_int8_mm_us']:.2f}x "
+                     f"(full {r['int_mm_us'] / r['cslt_int8_full_us']:.2f}x)")
+        s.append(f"eager fp8 {r.get('cslt_fp8_eager_us', 0):.0f}us vs graph {r.get('cslt_fp8_full_us', 0):.0f}us")
+        lines.append(" ".join(s))
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--skip", default="", help="comma list of: correct,w4,w8")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA GPU")
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    skip = set(filter(None, args.skip.split(",")))
+    p = torch.cuda.get_device_properties(dev)
+    import triton
+
+    results = dict(device=p.name, sms=p.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
+                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   command=" ".join(sys.argv), correctness=[], timing=[], w8a8=[])
+    log(f"device {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
+    ok = True
+    if "correct" not in skip:
+        ok = check_correctness(dev, results, args.quick)
+        log(f"correctness: {'ALL OK' if ok else 'FAILURES'}")
+    results["all_correct"] = ok
+    path = os.path.join(args.out, "bench_kernels.json")
+    try:
+        if "w4" not in skip:
+            bench_decode_prefill(dev, results, args.quick, args.sweep)
+        if "w8" not in skip:
+            bench_w8a8(dev, results, args.quick)
+    finally:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+    log(summary(results))
+    log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
