@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random models of every supported family, built from configs in a second."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+
+
+def tiny_config(family: str):
+    import transformers as tf
+
+    if family == "llama":
+        return tf.LlamaConfig(**TINY)
+    if family == "mistral":
+        return tf.MistralConfig(**TINY, sliding_window=None)
+    if family == "qwen2":
+        return tf.Qwen2Config(**TINY)
+    if family == "qwen3":
+        return tf.Qwen3Config(**TINY, head_dim=16)
+    if family == "gemma2":
+        return tf.Gemma2Config(**TINY, head_dim=16, sliding_window=8)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(**TINY, head_dim=16, sliding_window=8)
+    if family == "opt":
+        return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                            vocab_size=256, max_position_embeddings=256, word_embed_proj_dim=64)
+    if family == "phi":
+        return tf.PhiConfig(**TINY, partial_rotary_factor=0.5)
+    if family == "phi3":
+        return tf.Phi3Config(**TINY, pad_token_id=0)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "opt", "phi", "phi3"]
+
+
+def tiny_model(family: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    return model.eval()
+
+
+def random_ids(n: int, seq_len: int, vocab: int = 256, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, seq_len), generator=g)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
