@@ -179,3 +179,29 @@ def test_format_version_mismatch(checkpoint):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not a sparsequant checkpoint"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "opt", "phi", "phi3"])
+def test_smoothing_keeps_the_function(family):
+    """Equalization alone (8-bit per-channel quantization of a dense model is nearly lossless) must
+    not change the model's output beyond quantization noise, and must change the norm weights."""
+    from sparsequant.pipeline.equalize import equalize_layer
+    from sparsequant.pipeline.capture import capture_layer_inputs
+
+    model = tiny_model(family)
+    ids = random_ids(2, 16)
+    ref = model(ids).logits
+    inputs = capture_layer_inputs(model, ids, batch_size=2)
+    layer = decoder_layers(model)[0]
+    norms = [p.detach().clone() for n, p in layer.named_parameters() if "norm" in n]
+    equalize_layer(layer, family_of(model), inputs.hidden, inputs.kwargs[0], 0.5, "cpu")
+    after = [p.detach() for n, p in layer.named_parameters() if "norm" in n]
+    assert any(not torch.equal(a, b) for a, b in zip(norms, after))
+    assert torch.allclose(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_smoothing_recipe_runs():
+    model = tiny_model("llama")
+    recipe = RECIPE.with_(smoothing=0.5, pattern="dense", quant=QuantConfig(bits=8, group_size=None))
+    result = sq.compress(model, recipe, calibration=random_ids(4, 16), progress=False)
+    assert all(r.rel_error < 0.05 for r in result.layers)

@@ -51,6 +51,7 @@ class Recipe:
     joint: bool = True
     true_sequential: bool = False
     skip: tuple[str, ...] = ()
+    smoothing: float | None = None  # SmoothQuant alpha; None = no equalization
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     options: dict = field(default_factory=dict)
 
@@ -66,6 +67,8 @@ class Recipe:
             self.quant.spec()  # raises on bad bits / group size
         if sparsity.is_dense and self.quant is None:
             raise RecipeError("this recipe neither prunes nor quantizes: give a pattern or a quant section")
+        if self.smoothing is not None and not 0.0 <= float(self.smoothing) <= 1.0:
+            raise RecipeError(f"smoothing alpha must be in [0, 1], got {self.smoothing}")
         if self.calibration.samples < 1 or self.calibration.seq_len < 2:
             raise RecipeError("calibration needs at least one sample of at least two tokens")
 

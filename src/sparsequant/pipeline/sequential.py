@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint.packed import PackedWeight
-from ..models.families import decoder_layers, layer_linears, layers_prefix
+from ..models.families import decoder_layers, family_of, layer_linears, layers_prefix
 from ..recipe import Recipe
 from ..solvers import compress_weight
 from .capture import LayerInputs, capture_layer_inputs, layer_output, move_kwargs
@@ -104,13 +104,18 @@ def compress_model(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor, *,
     storage_dtype = storage_dtype_for(model)
     layers = decoder_layers(model)
     prefix = layers_prefix(model)
+    family = family_of(model)
+    if recipe.smoothing is not None:
+        from .equalize import check_smoothable
+
+        check_smoothable(model, family)
 
     # The embedding stage runs where the model lives; the layers are moved one by one.
     if offload:
-        model.to(device)
+        _move_except(model, layers, device)
     inputs: LayerInputs = capture_layer_inputs(model, calib_ids, recipe.calibration.batch_size, store)
     if offload:
-        model.to(home)
+        _move_except(model, layers, home)
 
     packed: dict[str, PackedWeight] = {}
     linear_reports: list[LinearReport] = []
@@ -121,6 +126,10 @@ def compress_model(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor, *,
         t_layer = time.perf_counter()
         layer.to(device)
         kwargs = [move_kwargs(kw, device) for kw in inputs.kwargs[index]]
+        if recipe.smoothing is not None:
+            from .equalize import equalize_layer
+
+            equalize_layer(layer, family, hidden, kwargs, recipe.smoothing, device)
         linears = layer_linears(layer)
         plans = {n: recipe.plan_for(f"{prefix}.{index}.{n}") for n in linears}
         targets = {n: lin for n, lin in linears.items() if plans[n] is not None}
@@ -177,6 +186,14 @@ def compress_model(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor, *,
     round_uncompressed_to_storage(model, set(packed), storage_dtype)
     return CompressionResult(model, recipe, packed, linear_reports, layer_reports, storage_dtype,
                              time.perf_counter() - t_start)
+
+
+def _move_except(model: nn.Module, layers: nn.ModuleList, device) -> None:
+    """Move every parameter and buffer outside the decoder layers (embeddings, rotary, norms)."""
+    inside = {id(m) for m in layers.modules()}
+    for m in model.modules():
+        if id(m) not in inside:
+            m._apply(lambda t: t.to(device), recurse=False)
 
 
 def _jsonable(v) -> bool:
