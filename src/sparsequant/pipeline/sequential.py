@@ -166,7 +166,7 @@ def compress_model(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor, *,
                 seconds = time.perf_counter() - t0
                 err = _rel_error(w_old, lin.weight.detach(), sampler.sample(name).to(device))
                 linear_reports.append(LinearReport(full, cw.shape, err, seconds, pw.bits_per_weight(),
-                                                   {k: v for k, v in info.items() if _jsonable(v)}))
+                                                   _flat_info(info)))
             del stats, hooks
         if dense_out is None:  # nothing to compress in this layer
             dense_out = [layer_output(layer, h.to(device), kw).to(store) for h, kw in zip(hidden, kwargs)]
@@ -194,6 +194,19 @@ def _move_except(model: nn.Module, layers: nn.ModuleList, device) -> None:
     for m in model.modules():
         if id(m) not in inside:
             m._apply(lambda t: t.to(device), recurse=False)
+
+
+def _flat_info(info: dict, prefix: str = "") -> dict:
+    """Solver diagnostics as a flat dict of JSON-friendly values ("joint.damp": 0.01, ...)."""
+    out = {}
+    for k, v in info.items():
+        if isinstance(v, dict):
+            out.update(_flat_info(v, f"{prefix}{k}."))
+        elif isinstance(v, torch.Tensor) and v.numel() == 1:
+            out[f"{prefix}{k}"] = float(v)
+        elif _jsonable(v):
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _jsonable(v) -> bool:
