@@ -25,12 +25,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sparsequant.kernels import reference
+from sparsequant import kernels
+from sparsequant.kernels import Nm24State, reference
 from sparsequant.kernels.cslt import CsltW8A8, quantize_per_token, weight_from_dense
 from sparsequant.kernels.layout import build_layout
 from sparsequant.kernels.testing import random_packed24
 from sparsequant.kernels.triton_decode import DecodeWorkspace, decode_linear, pick_decode_config
-from sparsequant.kernels.triton_prefill import pick_prefill_config, prefill_linear
+from sparsequant.kernels.triton_prefill import expand_dense_t, expand_linear, pick_prefill_config, prefill_linear
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)]  # out x in
 L2_BYTES = 50 * 2**20
@@ -174,7 +175,7 @@ def check_correctness(dev, results, quick):
 
 def bench_decode_prefill(dev, results, quick, sweep):
     log("== timing W4A16 2:4 (int4 g128) vs baselines ==")
-    token_counts = [1, 16, 128, 2048] if quick else [1, 2, 4, 8, 16, 32, 128, 512, 2048]
+    token_counts = [1, 16, 128, 2048] if quick else [1, 2, 4, 8, 16, 128, 512, 2048]
     for (n, k) in SHAPES[: 2 if quick else None]:
         pk = random_packed24(n, k, 4, 128, True, device=dev, seed=1)
         lay0 = build_layout(pk, dev)
@@ -191,7 +192,10 @@ def bench_decode_prefill(dev, results, quick, sweep):
             xb = x.bfloat16()
             r = dict(n=n, k=k, m=m)
             r["cublas_fp16_us"] = time_graph([lambda w=w: F.linear(x, w) for w in dense])
-            if i4s is not None and m <= 2048:
+            states = [Nm24State.from_layout(l, torch.float16) for l in lays]
+            r["linear_us"] = time_graph([lambda st=st: kernels.linear(x, st) for st in states])
+            r["linear_eager_us"] = time_eager([lambda st=st: kernels.linear(x, st) for st in states])
+            if i4s is not None and m <= 128:
                 r["int4pack_us"] = time_graph([lambda p=p: torch._weight_int4pack_mm(xb, p[0], 128, p[1]) for p in i4s])
             if m <= 16:
                 r["decode_ptx_us"] = time_graph([lambda l=l, ws=ws: decode_linear(x, l, ws) for l, ws in zip(lays, wss)])
@@ -200,9 +204,14 @@ def bench_decode_prefill(dev, results, quick, sweep):
                 r["decode_eager_us"] = time_eager([lambda l=l, ws=ws: decode_linear(x, l, ws) for l, ws in zip(lays, wss)])
             if m >= 2:
                 r["prefill_us"] = time_graph([lambda l=l: prefill_linear(x, l) for l in lays[:4]])
-            if sweep and m in (1, 4, 16):
+            if m >= 16:
+                wt = torch.empty(k, n, dtype=torch.float16, device=dev)
+                r["expand_cublas_us"] = time_graph([lambda l=l: expand_linear(x, l, wt) for l in lays[:4]])
+                if m == 16:
+                    r["expand_only_us"] = time_graph([lambda l=l: expand_dense_t(l, torch.float16, wt) for l in lays[:4]])
+            if sweep and (n, k) in sweep and m in (1, 4):
                 r["decode_sweep"] = sweep_decode(x, lays, wss, n, k)
-            if sweep and m in (16, 128, 2048):
+            if sweep and (n, k) in sweep and m in (16, 2048) and os.environ.get("SWEEP_PREFILL"):
                 r["prefill_sweep"] = sweep_prefill(x, lays, n, k)
             results["timing"].append(r)
             log("  " + json.dumps({a: (round(b, 2) if isinstance(b, float) else b) for a, b in r.items()
@@ -216,13 +225,15 @@ def sweep_decode(x, lays, wss, n, k):
     base = pick_decode_config(m, n, k)
     out = []
     for bn in (64, 128, 256):
-        for bu in (1, 2, 4):
+        for bu in (1, 2, 4, 8):
             for sf in (0.5, 1, 2):
                 for nw in (4, 8):
-                    if nw == 8 and bn < 256:
+                    if nw == 8 and bn * bu < 512:
                         continue
                     cfg = dict(base, BLOCK_N=bn, BLOCK_U=bu, num_warps=nw)
                     cfg["SPLIT"] = max(1, int(base["SPLIT"] * sf * 128 / bn))
+                    if -(-k // 32) < cfg["SPLIT"] * bu:
+                        continue
                     try:
                         t = time_graph([lambda l=l, ws=ws: decode_linear(x, l, ws, config=cfg) for l, ws in zip(lays, wss)],
                                        replays=10)
@@ -239,12 +250,12 @@ def sweep_prefill(x, lays, n, k):
     m = x.shape[0]
     cands = []
     for bm in (16, 32, 64, 128, 256):
-        if bm > max(16, 2 * m):
+        if bm > max(16, 2 * m) or (m >= 1024 and bm < 128):
             continue
         for bn in (64, 128, 256):
-            for bu in (1, 2):
+            for bu in (1, 2, 4):
                 for nw in (4, 8):
-                    if bm * bn >= 128 * 256 and nw == 4:
+                    if (bm * bn >= 128 * 256 and nw == 4) or (bm * bn * bu > 128 * 128 * 2):
                         continue
                     cands.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_U=bu, GROUP_M=8, num_warps=nw, num_stages=3))
     out = []
@@ -266,7 +277,7 @@ def bench_w8a8(dev, results, quick):
     for (n, k) in SHAPES[: 2 if quick else None]:
         w = reference.dequantize_nm24(random_packed24(n, k, 8, None, True, device=dev, seed=3))
         w16 = w.half()
-        for m in ([2048] if quick else [128, 2048, 8192]):
+        for m in ([2048] if quick else [128, 2048]):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             r = dict(n=n, k=k, m=m)
             r["cublas_fp16_us"] = time_graph([lambda: F.linear(x.half(), w16)], reps_per_graph=10)
@@ -305,7 +316,7 @@ def summary(results):
     t = results["timing"]
     for m in sorted({r["m"] for r in t}):
         rows = [r for r in t if r["m"] == m]
-        ours = [min(r.get("decode_ptx_us", 1e30), r.get("prefill_us", 1e30)) for r in rows]
+        ours = [r["linear_us"] for r in rows]  # the path kernels.linear dispatches to
         fp16 = geomean([r["cublas_fp16_us"] / o for r, o in zip(rows, ours)])
         i4 = geomean([r["int4pack_us"] / o for r, o in zip(rows, ours) if "int4pack_us" in r])
         lines.append(f"W4A16 2:4 m={m:5d}: vs cuBLAS fp16 {fp16:5.2f}x   vs int4pack {i4:5.2f}x   "
@@ -327,7 +338,7 @@ def summary(results):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", default="", help="shapes to sweep tile configs on, e.g. 4096x4096,14336x4096")
     ap.add_argument("--skip", default="", help="comma list of: correct,w4,w8")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -336,6 +347,9 @@ def main():
     dev = torch.device("cuda")
     torch.manual_seed(0)
     skip = set(filter(None, args.skip.split(",")))
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit("stopped by SIGTERM (time limit)"))
     p = torch.cuda.get_device_properties(dev)
     import triton
 
@@ -351,7 +365,8 @@ def main():
     path = os.path.join(args.out, "bench_kernels.json")
     try:
         if "w4" not in skip:
-            bench_decode_prefill(dev, results, args.quick, args.sweep)
+            sweep = {tuple(int(v) for v in t.split("x")) for t in args.sweep.split(",") if t}
+            bench_decode_prefill(dev, results, args.quick, sweep)
         if "w8" not in skip:
             bench_w8a8(dev, results, args.quick)
     finally:

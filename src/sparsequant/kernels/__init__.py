@@ -7,7 +7,10 @@ supports its format on ``device`` (or None: the caller then uses the reference p
 What runs where (see docs/kernels.md):
 - 'nm24' int4/int8 codes, group size a multiple of 32 or per channel, float16/bfloat16
   activations on CUDA: the Triton decode kernel up to ``DECODE_MAX_TOKENS`` tokens (its fp16 path
-  is inline PTX), the Triton prefill kernel (expand to dense in registers + tl.dot) above.
+  is inline PTX); above that, by default (``PREFILL_PATH = "expand"``), a Triton kernel expands
+  the weight into a transient dense buffer and cuBLAS multiplies, which measured faster on an H100
+  than the Triton prefill kernel (expand tiles in registers + tl.dot, ``PREFILL_PATH =
+  "triton"``) at every token count we timed (BENCHMARKS.md, '## GPU kernels').
 - W8A8 (``act_quant='int8'|'fp8'``, opt-in because it changes the activations' precision):
   cuSPARSELt 2:4 int8/fp8 with a per-token activation quantization kernel.
 - Everything else (CPU, dense or bitmap storage, other bit widths or group sizes): None.
@@ -18,30 +21,38 @@ import torch
 
 from . import reference  # noqa: F401  (part of the public kernel API)
 
-#: Largest token count the decode kernel handles; the prefill kernel takes more (from the sweep).
-DECODE_MAX_TOKENS = 4
+#: Largest token count sent to the decode kernel (measured crossover on an H100: 8 to 16).
+DECODE_MAX_TOKENS = 8
+#: Many-token path: "expand" (dense buffer + cuBLAS) or "triton" (tl.dot prefill kernel).
+PREFILL_PATH = "expand"
 
 
 class Nm24State:
     """Prepared W4A16 / W8A16 2:4 weight: the kernel layout plus split-K workspace."""
 
-    def __init__(self, packed, device: torch.device, dtype: torch.dtype):
+    def __init__(self, packed, device: torch.device, dtype: torch.dtype, layout=None):
         from .layout import build_layout
         from .triton_decode import DecodeWorkspace
 
-        self.layout = build_layout(packed, device)
+        self.layout = layout if layout is not None else build_layout(packed, device)
         self.dtype = dtype
-        self.device = device
-        self.workspace = DecodeWorkspace(self.layout.n, device)
+        self.device = torch.device(device)
+        self.workspace = DecodeWorkspace(self.layout.n, self.device)
         self.kind = f"nm24-w{self.layout.bits}a16"
+
+    @classmethod
+    def from_layout(cls, layout, dtype: torch.dtype) -> "Nm24State":
+        return cls(None, layout.meta.device, dtype, layout=layout)
 
     def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
         from .triton_decode import decode_linear
-        from .triton_prefill import prefill_linear
+        from .triton_prefill import expand_linear, prefill_linear
 
         if x2d.shape[0] <= DECODE_MAX_TOKENS:
             return decode_linear(x2d, self.layout, self.workspace)
-        return prefill_linear(x2d, self.layout)
+        if PREFILL_PATH == "triton":
+            return prefill_linear(x2d, self.layout)
+        return expand_linear(x2d.contiguous(), self.layout)
 
 
 class W8A8State:

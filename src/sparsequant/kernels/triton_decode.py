@@ -93,133 +93,161 @@ def _asm_half_unit(bits: int, half: int) -> tuple[str, str]:
 _ASM = {(b, h): _asm_half_unit(b, h) for b in (4, 8) for h in (0, 1)}
 
 
+# PTX strings as global constexprs: passing them as kernel arguments would hash them per launch.
+ASM_I4_0 = tl.constexpr(_ASM[(4, 0)][0])
+ASM_I4_1 = tl.constexpr(_ASM[(4, 1)][0])
+ASM_I8_0 = tl.constexpr(_ASM[(8, 0)][0])
+ASM_I8_1 = tl.constexpr(_ASM[(8, 1)][0])
+CONS_I4 = tl.constexpr(_ASM[(4, 0)][1])
+CONS_I8 = tl.constexpr(_ASM[(8, 0)][1])
+
+
+@triton.jit
+def _half_unit(meta, v0, v1, s2, z2, sc, zp, x0, x1, x2, x3,
+               H: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr, ACT_DTYPE: tl.constexpr):
+    """Sum over groups 4H..4H+3 of one unit: w0 * x[i0] + w1 * x[i1] per group (fp32 result)."""
+    if USE_ASM:
+        if BITS == 4:
+            if H == 0:
+                part = tl.inline_asm_elementwise(ASM_I4_0, CONS_I4, [meta, v0, s2, z2, x0, x1, x2, x3],
+                                                 dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                part = tl.inline_asm_elementwise(ASM_I4_1, CONS_I4, [meta, v0, s2, z2, x0, x1, x2, x3],
+                                                 dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            if H == 0:
+                part = tl.inline_asm_elementwise(ASM_I8_0, CONS_I8, [meta, v0, v1, s2, z2, x0, x1, x2, x3],
+                                                 dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                part = tl.inline_asm_elementwise(ASM_I8_1, CONS_I8, [meta, v0, v1, s2, z2, x0, x1, x2, x3],
+                                                 dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        # The same arithmetic in plain Triton (fp32): bf16, the CPU interpreter, the fallback.
+        part = tl.zeros(meta.shape, dtype=tl.float32)
+        scf = sc.to(tl.float32)
+        for jj in tl.static_range(4):
+            j = 4 * H + jj
+            sh = 2 * (j // 2) + 16 * (j % 2)
+            i0 = ((meta >> sh) & 3).to(tl.int64)
+            i1 = ((meta >> (sh + 8)) & 3).to(tl.int64)
+            if jj == 0:
+                xg = x0
+            elif jj == 1:
+                xg = x1
+            elif jj == 2:
+                xg = x2
+            else:
+                xg = x3
+            xa = ((xg >> (16 * i0)) & 0xFFFF).to(tl.int16).to(ACT_DTYPE, bitcast=True).to(tl.float32)
+            xb = ((xg >> (16 * i1)) & 0xFFFF).to(tl.int16).to(ACT_DTYPE, bitcast=True).to(tl.float32)
+            if BITS == 4:
+                c0 = (v0 >> (4 * jj)) & 0xF
+                c1 = (v0 >> (16 + 4 * jj)) & 0xF
+            else:
+                if jj < 2:
+                    vw = v0
+                else:
+                    vw = v1
+                c0 = (vw >> (16 * (jj % 2))) & 0xFF
+                c1 = (vw >> (16 * (jj % 2) + 8)) & 0xFF
+            part += (c0 - zp).to(tl.float32) * scf * xa + (c1 - zp).to(tl.float32) * scf * xb
+    return part
+
+
+@triton.jit
+def _load_weights(meta_ptr, vals_ptr, sc_ptr, zp_ptr, u, u_end, U, N, offs_n, n_ok, group_units,
+                  SYM_ZERO: tl.constexpr, BITS: tl.constexpr, HAS_ZP: tl.constexpr,
+                  BLOCK_U: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Metadata, scales, zero points and value words of units ``u`` (masked past the range)."""
+    W: tl.constexpr = BITS // 2
+    ok = ((u < u_end) & (u < U))[:, None] & n_ok[None, :]
+    col = offs_n[None, :]
+    meta = tl.load(meta_ptr + u[:, None] * N + col, mask=ok, other=0)
+    g_off = (u // group_units)[:, None] * N + col
+    sc = tl.load(sc_ptr + g_off, mask=ok, other=0.0)
+    if HAS_ZP:
+        zp = tl.load(zp_ptr + g_off, mask=ok, other=0).to(tl.int32)
+    else:
+        zp = tl.full([BLOCK_U, BLOCK_N], SYM_ZERO, tl.int32)
+    va0 = tl.load(vals_ptr + (u * W)[:, None] * N + col, mask=ok, other=0)
+    if BITS == 8:
+        va1 = tl.load(vals_ptr + (u * W + 1)[:, None] * N + col, mask=ok, other=0)
+        vb0 = tl.load(vals_ptr + (u * W + 2)[:, None] * N + col, mask=ok, other=0)
+        vb1 = tl.load(vals_ptr + (u * W + 3)[:, None] * N + col, mask=ok, other=0)
+    else:
+        vb0 = tl.load(vals_ptr + (u * W + 1)[:, None] * N + col, mask=ok, other=0)
+        va1 = va0
+        vb1 = vb0
+    return meta, sc, zp, va0, va1, vb0, vb1
+
+
 @triton.jit
 def _decode24_kernel(
     xw_ptr, meta_ptr, vals_ptr, sc_ptr, zp_ptr, y_ptr, part_ptr, cnt_ptr,
     M, N, K4, U, stride_xm, stride_ym, group_units, units_per_split,
     SYM_ZERO: tl.constexpr, BITS: tl.constexpr, HAS_ZP: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr,
-    USE_ASM: tl.constexpr, ACT_DTYPE: tl.constexpr,
-    ASM_I4_0: tl.constexpr, ASM_I4_1: tl.constexpr, ASM_I8_0: tl.constexpr, ASM_I8_1: tl.constexpr,
-    CONS_I4: tl.constexpr, CONS_I8: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr, USE_ASM: tl.constexpr, ACT_DTYPE: tl.constexpr,
 ):
+    # Program (pid_n, pid_s): rows [pid_n*BLOCK_N, +BLOCK_N), units [pid_s*units_per_split, +units_per_split).
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     W: tl.constexpr = BITS // 2  # value words per unit
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    offs_m = tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
     offs_u = tl.arange(0, BLOCK_U)
-
-    acc = tl.zeros([BLOCK_M, BLOCK_U, BLOCK_N], dtype=tl.float32)
     u_begin = pid_s * units_per_split
     u_end = u_begin + units_per_split
-    for it in range(0, units_per_split // BLOCK_U):
-        u = u_begin + it * BLOCK_U + offs_u
-        w_ok = ((u < u_end) & (u < U))[:, None] & n_ok[None, :]
-        w_off = u[:, None] * N + offs_n[None, :]
-        meta = tl.load(meta_ptr + w_off, mask=w_ok, other=0)
-        g_off = (u // group_units)[:, None] * N + offs_n[None, :]
-        sc = tl.load(sc_ptr + g_off, mask=w_ok, other=0.0)
-        if HAS_ZP:
-            zp = tl.load(zp_ptr + g_off, mask=w_ok, other=0).to(tl.int32)
-        else:
-            zp = tl.full([BLOCK_U, BLOCK_N], SYM_ZERO, tl.int32)
-        if USE_ASM:
-            # fp16 pairs (s, s) and (1024 + z, 1024 + z) once per unit, shared by 8 groups
+
+    # Tokens one after another: the program's slice of W (a few KB) stays in L1 after token 0.
+    n_it = units_per_split // BLOCK_U
+    for m in range(0, M):
+        acc = tl.zeros([BLOCK_U, BLOCK_N], dtype=tl.float32)
+        # Software pipelining by hand: the weights of step it+1 are loaded before step it is
+        # computed, so each warp keeps two steps of loads in flight.
+        nxt = _load_weights(meta_ptr, vals_ptr, sc_ptr, zp_ptr, u_begin + offs_u, u_end, U, N, offs_n, n_ok,
+                            group_units, SYM_ZERO, BITS, HAS_ZP, BLOCK_U, BLOCK_N)
+        for it in range(0, n_it):
+            u = u_begin + it * BLOCK_U + offs_u
+            u_ok = (u < u_end) & (u < U)
+            meta, sc, zp, va0, va1, vb0, vb1 = nxt
+            nxt = _load_weights(meta_ptr, vals_ptr, sc_ptr, zp_ptr, u + BLOCK_U, u_end, U, N, offs_n, n_ok,
+                                group_units, SYM_ZERO, BITS, HAS_ZP, BLOCK_U, BLOCK_N)
+            # fp16 pairs (s, s) and (1024 + z, 1024 + z), once per unit for its 8 groups
             s2 = (sc.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
             z2 = (zp + 0x6400) * 0x10001
-            meta3 = tl.broadcast_to(meta[None, :, :], [BLOCK_M, BLOCK_U, BLOCK_N])
-            s3 = tl.broadcast_to(s2[None, :, :], [BLOCK_M, BLOCK_U, BLOCK_N])
-            z3 = tl.broadcast_to(z2[None, :, :], [BLOCK_M, BLOCK_U, BLOCK_N])
-        scf = sc.to(tl.float32)[None, :, :]
-        for h in tl.static_range(2):
-            # activations of the 4 groups of this half unit: one 8-byte broadcast load each
-            gidx = u * 8 + 4 * h
-            x_row = xw_ptr + offs_m[:, None, None] * stride_xm + gidx[None, :, None]
-            x_ok = m_ok[:, None, None] & (gidx[None, :, None] < K4)
-            x0 = tl.load(x_row + 0, mask=x_ok, other=0)
-            x1 = tl.load(x_row + 1, mask=x_ok & (gidx[None, :, None] + 1 < K4), other=0)
-            x2 = tl.load(x_row + 2, mask=x_ok & (gidx[None, :, None] + 2 < K4), other=0)
-            x3 = tl.load(x_row + 3, mask=x_ok & (gidx[None, :, None] + 3 < K4), other=0)
-            if BITS == 4:
-                v0 = tl.load(vals_ptr + (u * W + h)[:, None] * N + offs_n[None, :], mask=w_ok, other=0)
-                v1 = v0
-            else:
-                v0 = tl.load(vals_ptr + (u * W + 2 * h)[:, None] * N + offs_n[None, :], mask=w_ok, other=0)
-                v1 = tl.load(vals_ptr + (u * W + 2 * h + 1)[:, None] * N + offs_n[None, :], mask=w_ok, other=0)
-            if USE_ASM:
-                xa0 = tl.broadcast_to(x0, [BLOCK_M, BLOCK_U, BLOCK_N])
-                xa1 = tl.broadcast_to(x1, [BLOCK_M, BLOCK_U, BLOCK_N])
-                xa2 = tl.broadcast_to(x2, [BLOCK_M, BLOCK_U, BLOCK_N])
-                xa3 = tl.broadcast_to(x3, [BLOCK_M, BLOCK_U, BLOCK_N])
-                va = tl.broadcast_to(v0[None, :, :], [BLOCK_M, BLOCK_U, BLOCK_N])
-                if BITS == 4:
-                    if h == 0:
-                        part = tl.inline_asm_elementwise(
-                            ASM_I4_0, CONS_I4, [meta3, va, s3, z3, xa0, xa1, xa2, xa3],
-                            dtype=tl.float32, is_pure=True, pack=1)
-                    else:
-                        part = tl.inline_asm_elementwise(
-                            ASM_I4_1, CONS_I4, [meta3, va, s3, z3, xa0, xa1, xa2, xa3],
-                            dtype=tl.float32, is_pure=True, pack=1)
+            for h in tl.static_range(2):
+                # the 4 groups' activations: 8-byte loads, identical across the warp (broadcast)
+                g = u * 8 + 4 * h
+                x_row = xw_ptr + m * stride_xm + g[:, None]
+                x0 = tl.load(x_row + 0, mask=(u_ok & (g + 0 < K4))[:, None], other=0)
+                x1 = tl.load(x_row + 1, mask=(u_ok & (g + 1 < K4))[:, None], other=0)
+                x2 = tl.load(x_row + 2, mask=(u_ok & (g + 2 < K4))[:, None], other=0)
+                x3 = tl.load(x_row + 3, mask=(u_ok & (g + 3 < K4))[:, None], other=0)
+                x0 = tl.broadcast_to(x0, [BLOCK_U, BLOCK_N])
+                x1 = tl.broadcast_to(x1, [BLOCK_U, BLOCK_N])
+                x2 = tl.broadcast_to(x2, [BLOCK_U, BLOCK_N])
+                x3 = tl.broadcast_to(x3, [BLOCK_U, BLOCK_N])
+                if h == 0:
+                    acc += _half_unit(meta, va0, va1, s2, z2, sc, zp, x0, x1, x2, x3, 0, BITS, USE_ASM, ACT_DTYPE)
                 else:
-                    vb = tl.broadcast_to(v1[None, :, :], [BLOCK_M, BLOCK_U, BLOCK_N])
-                    if h == 0:
-                        part = tl.inline_asm_elementwise(
-                            ASM_I8_0, CONS_I8, [meta3, va, vb, s3, z3, xa0, xa1, xa2, xa3],
-                            dtype=tl.float32, is_pure=True, pack=1)
-                    else:
-                        part = tl.inline_asm_elementwise(
-                            ASM_I8_1, CONS_I8, [meta3, va, vb, s3, z3, xa0, xa1, xa2, xa3],
-                            dtype=tl.float32, is_pure=True, pack=1)
-                acc += part
-            else:
-                for jj in tl.static_range(4):
-                    j = 4 * h + jj
-                    sh = 2 * (j // 2) + 16 * (j % 2)
-                    i0 = ((meta >> sh) & 3)[None, :, :].to(tl.int64)
-                    i1 = ((meta >> (sh + 8)) & 3)[None, :, :].to(tl.int64)
-                    if jj == 0:
-                        xg = x0
-                    elif jj == 1:
-                        xg = x1
-                    elif jj == 2:
-                        xg = x2
-                    else:
-                        xg = x3
-                    xa = ((xg >> (16 * i0)) & 0xFFFF).to(tl.int16).to(ACT_DTYPE, bitcast=True).to(tl.float32)
-                    xb = ((xg >> (16 * i1)) & 0xFFFF).to(tl.int16).to(ACT_DTYPE, bitcast=True).to(tl.float32)
-                    if BITS == 4:
-                        c0 = (v0 >> (4 * jj)) & 0xF
-                        c1 = (v0 >> (16 + 4 * jj)) & 0xF
-                    else:
-                        if jj < 2:
-                            vw = v0
-                        else:
-                            vw = v1
-                        c0 = (vw >> (16 * (jj % 2))) & 0xFF
-                        c1 = (vw >> (16 * (jj % 2) + 8)) & 0xFF
-                    w0 = (c0 - zp).to(tl.float32)[None, :, :] * scf
-                    w1 = (c1 - zp).to(tl.float32)[None, :, :] * scf
-                    acc += w0 * xa + w1 * xb
+                    acc += _half_unit(meta, vb0, vb1, s2, z2, sc, zp, x0, x1, x2, x3, 1, BITS, USE_ASM, ACT_DTYPE)
 
-    out = tl.sum(acc, axis=1)
-    o_ok = m_ok[:, None] & n_ok[None, :]
-    y_off = offs_m[:, None] * stride_ym + offs_n[None, :]
-    if SPLIT == 1:
-        tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=o_ok)
-    else:
-        p_off = offs_m[:, None] * N + offs_n[None, :]
-        tl.store(part_ptr + pid_s * BLOCK_M * N + p_off, out, mask=o_ok)
+        out = tl.sum(acc, axis=0)
+        if SPLIT == 1:
+            tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
+        else:
+            tl.store(part_ptr + (pid_s * M + m) * N + offs_n, out, mask=n_ok)
+
+    if SPLIT > 1:
+        # The last program of this column block to arrive adds the SPLIT partial sums.
         tl.debug_barrier()
         done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
         if done == SPLIT - 1:
-            tot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(SPLIT):
-                tot += tl.load(part_ptr + s * BLOCK_M * N + p_off, mask=o_ok, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + y_off, tot.to(y_ptr.dtype.element_ty), mask=o_ok)
+            for m in range(0, M):
+                tot = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for s in range(SPLIT):
+                    tot += tl.load(part_ptr + (s * M + m) * N + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptr + m * stride_ym + offs_n, tot.to(y_ptr.dtype.element_ty), mask=n_ok)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
@@ -236,16 +264,15 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 def pick_decode_config(m: int, n: int, k: int, sms: int = 132) -> dict:
     """Block sizes and split-K for the decode kernel (from the sweep in benchmarks/bench_kernels.py)."""
-    block_m = max(1, triton.next_power_of_2(m))
     block_n = 128 if n >= 128 * 8 else max(16, triton.next_power_of_2(min(n, 128)))
-    block_u = 2 if block_m <= 2 else 1
     units = -(-k // 32)
     tiles = -(-n // block_n)
-    # Aim for ~4 programs of 4 warps per SM; never split below ~4 unit-steps per program.
+    # Aim for ~4 programs of 4 warps per SM; never split below ~4 units per program.
     split = 1
-    while tiles * split < 4 * sms and units // (split * 2) >= 4 * block_u:
+    while tiles * split < 4 * sms and units // (split * 2) >= 4:
         split *= 2
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_U=block_u, SPLIT=split, num_warps=4)
+    block_u = 4 if units // split >= 16 else 2
+    return dict(BLOCK_N=block_n, BLOCK_U=block_u, SPLIT=split, num_warps=4)
 
 
 class DecodeWorkspace:
@@ -282,7 +309,7 @@ def decode_linear(x2d: torch.Tensor, lay, workspace: DecodeWorkspace | None = No
     if split > 1:
         if workspace is None:
             workspace = DecodeWorkspace(n, x2d.device)
-        part = torch.empty(split * cfg["BLOCK_M"] * n, dtype=torch.float32, device=x2d.device)
+        part = torch.empty(split * m * n, dtype=torch.float32, device=x2d.device)
         cnt = workspace.counters
     else:
         part, cnt = y, y  # unused
@@ -292,10 +319,7 @@ def decode_linear(x2d: torch.Tensor, lay, workspace: DecodeWorkspace | None = No
         y, part, cnt,
         m, n, k // 4, lay.units, xw.stride(0), y.stride(0), lay.group // 32, units_per_split,
         SYM_ZERO=lay.sym_zero, BITS=lay.bits, HAS_ZP=lay.zeros is not None, SPLIT=split,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_U=cfg["BLOCK_U"],
-        USE_ASM=bool(use_asm), ACT_DTYPE=_TL_DTYPE[x2d.dtype],
-        ASM_I4_0=_ASM[(4, 0)][0], ASM_I4_1=_ASM[(4, 1)][0], ASM_I8_0=_ASM[(8, 0)][0], ASM_I8_1=_ASM[(8, 1)][0],
-        CONS_I4=_ASM[(4, 0)][1], CONS_I8=_ASM[(8, 0)][1],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_U=cfg["BLOCK_U"], USE_ASM=bool(use_asm), ACT_DTYPE=_TL_DTYPE[x2d.dtype],
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
     return y

@@ -21,6 +21,43 @@ if _interp_compat.interpreting():
 
 
 @triton.jit
+def _dense_tile(meta_ptr, vals_ptr, sc_ptr, zp_ptr, k, offs_n, U, N, group_units,
+                SYM_ZERO: tl.constexpr, BITS: tl.constexpr, HAS_ZP: tl.constexpr):
+    """W^T[k, n] for a [BLOCK_K] vector of columns k and [BLOCK_N] rows n, in fp32 (0 where pruned).
+
+    Every element reads its unit's words (threads that share a row block share them through L1);
+    see layout.py for the bit fields.
+    """
+    W: tl.constexpr = BITS // 2
+    u = k // 32
+    c = k % 32
+    j = c // 4
+    p = (c % 4)[:, None]
+    ok = (u < U)[:, None] & (offs_n < N)[None, :]
+    meta = tl.load(meta_ptr + u[:, None] * N + offs_n[None, :], mask=ok, other=0)
+    msh = (2 * (j // 2) + 16 * (j % 2))[:, None]
+    i0 = (meta >> msh) & 3
+    i1 = (meta >> (msh + 8)) & 3
+    first = i0 == p
+    kept = first | (i1 == p)
+    if BITS == 4:
+        v = tl.load(vals_ptr + (u * W + j // 4)[:, None] * N + offs_n[None, :], mask=ok, other=0)
+        code = (v >> ((4 * (j % 4))[:, None] + tl.where(first, 0, 16))) & 0xF
+    else:
+        v = tl.load(vals_ptr + (u * W + j // 2)[:, None] * N + offs_n[None, :], mask=ok, other=0)
+        code = (v >> ((16 * (j % 2))[:, None] + tl.where(first, 0, 8))) & 0xFF
+    g_off = (u // group_units)[:, None] * N + offs_n[None, :]
+    sc = tl.load(sc_ptr + g_off, mask=ok, other=0.0).to(tl.float32)
+    if HAS_ZP:
+        zf = tl.load(zp_ptr + g_off, mask=ok, other=0).to(tl.float32)
+    else:
+        zf = SYM_ZERO * 1.0
+    # 2**23 + code as a float bit pattern: code -> fp32 in one OR instead of a slow I2F
+    cf = (code | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + zf)
+    return tl.where(kept, cf * sc, 0.0)
+
+
+@triton.jit
 def _prefill24_kernel(
     x_ptr, meta_ptr, vals_ptr, sc_ptr, zp_ptr, y_ptr,
     M, N, K, U, stride_xm, stride_ym, group_units,
@@ -39,18 +76,19 @@ def _prefill24_kernel(
     pid_n = (pid % per_group) // rows
 
     BLOCK_K: tl.constexpr = BLOCK_U * 32
-    W: tl.constexpr = BITS // 2
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
-    n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
+
     # Column c of a unit: group j = c // 4, position p = c % 4 (see layout.py for the bit fields).
+    # The tile is built as [BLOCK_U, 32, BLOCK_N] so each unit's words are loaded once.
+    W: tl.constexpr = BITS // 2
+    n_ok = offs_n < N
     col = tl.arange(0, 32)
     j = (col // 4)[None, :, None]
     p = (col % 4)[None, :, None]
     msh = 2 * (j // 2) + 16 * (j % 2)
-
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for u0 in range(0, U, BLOCK_U):
         k = u0 * 32 + offs_k
@@ -63,14 +101,12 @@ def _prefill24_kernel(
         i1 = (meta >> (msh + 8)) & 3
         first = p == i0
         kept = first | (p == i1)
+        v0 = tl.load(vals_ptr + (u * W)[:, None] * N + offs_n[None, :], mask=w_ok, other=0)[:, None, :]
+        v1 = tl.load(vals_ptr + (u * W + 1)[:, None] * N + offs_n[None, :], mask=w_ok, other=0)[:, None, :]
         if BITS == 4:
-            v0 = tl.load(vals_ptr + (u * W)[:, None] * N + offs_n[None, :], mask=w_ok, other=0)[:, None, :]
-            v1 = tl.load(vals_ptr + (u * W + 1)[:, None] * N + offs_n[None, :], mask=w_ok, other=0)[:, None, :]
             v = tl.where(j < 4, v0, v1)
             code = (v >> (4 * (j % 4) + tl.where(first, 0, 16))) & 0xF
         else:
-            v0 = tl.load(vals_ptr + (u * W)[:, None] * N + offs_n[None, :], mask=w_ok, other=0)[:, None, :]
-            v1 = tl.load(vals_ptr + (u * W + 1)[:, None] * N + offs_n[None, :], mask=w_ok, other=0)[:, None, :]
             v2 = tl.load(vals_ptr + (u * W + 2)[:, None] * N + offs_n[None, :], mask=w_ok, other=0)[:, None, :]
             v3 = tl.load(vals_ptr + (u * W + 3)[:, None] * N + offs_n[None, :], mask=w_ok, other=0)[:, None, :]
             wi = j // 2
@@ -79,11 +115,12 @@ def _prefill24_kernel(
         g_off = (u // group_units)[:, None] * N + offs_n[None, :]
         sc = tl.load(sc_ptr + g_off, mask=w_ok, other=0.0).to(tl.float32)[:, None, :]
         if HAS_ZP:
-            zp = tl.load(zp_ptr + g_off, mask=w_ok, other=0).to(tl.int32)[:, None, :]
+            zf = tl.load(zp_ptr + g_off, mask=w_ok, other=0).to(tl.float32)[:, None, :]
         else:
-            zp = SYM_ZERO
-        w = tl.where(kept, (code - zp).to(tl.float32) * sc, 0.0)
-        w = tl.reshape(w, [BLOCK_K, BLOCK_N])
+            zf = SYM_ZERO * 1.0
+        # 2**23 + code as a float bit pattern: code -> fp32 with one OR instead of a slow I2F
+        cf = (code | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + zf)
+        w = tl.reshape(tl.where(kept, cf * sc, 0.0), [BLOCK_K, BLOCK_N])
         if DOT_F32:
             # Triton 3.6's CPU interpreter computes bf16 dots wrongly; it runs them in fp32.
             acc = tl.dot(xt.to(tl.float32), w, acc)
@@ -93,17 +130,47 @@ def _prefill24_kernel(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _expand24_kernel(meta_ptr, vals_ptr, sc_ptr, zp_ptr, wt_ptr, N, K, U, group_units,
+                     SYM_ZERO: tl.constexpr, BITS: tl.constexpr, HAS_ZP: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    # W^T [K, N] dense in the activation dtype: for many tokens, expanding once and calling
+    # cuBLAS costs one extra pass over a dense weight, small next to the matrix product.
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w = _dense_tile(meta_ptr, vals_ptr, sc_ptr, zp_ptr, k, offs_n, U, N, group_units, SYM_ZERO, BITS, HAS_ZP)
+    tl.store(wt_ptr + k[:, None] * N + offs_n[None, :], w.to(wt_ptr.dtype.element_ty),
+             mask=(k < K)[:, None] & (offs_n < N)[None, :])
+
+
+def expand_dense_t(lay, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dequantized weight transposed, ``W^T [K, N]`` in ``dtype`` (for x @ W^T via cuBLAS)."""
+    if out is None:
+        out = torch.empty(lay.k, lay.n, dtype=dtype, device=lay.meta.device)
+    elif out.shape != (lay.k, lay.n) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} [{lay.k}, {lay.n}] tensor")
+    grid = (triton.cdiv(lay.k, 64), triton.cdiv(lay.n, 128))
+    _expand24_kernel[grid](lay.meta, lay.vals, lay.scales, lay.zeros if lay.zeros is not None else lay.scales, out,
+                           lay.n, lay.k, lay.units, lay.group // 32, SYM_ZERO=lay.sym_zero, BITS=lay.bits,
+                           HAS_ZP=lay.zeros is not None, BLOCK_K=64, BLOCK_N=128, num_warps=8)
+    return out
+
+
+def expand_linear(x2d: torch.Tensor, lay, workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2d @ W^T`` by expanding W into ``workspace`` (or a fresh buffer) and calling cuBLAS."""
+    wt = expand_dense_t(lay, x2d.dtype, workspace)
+    return x2d @ wt
+
+
 def pick_prefill_config(m: int, n: int, k: int) -> dict:
     """Tile sizes per token count (from the sweep in benchmarks/bench_kernels.py)."""
     if m <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_U=4, GROUP_M=8, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_U=2, GROUP_M=8, num_warps=4, num_stages=3)
     if m <= 32:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_U=4, GROUP_M=8, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_U=2, GROUP_M=8, num_warps=4, num_stages=3)
     if m <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_U=2, GROUP_M=8, num_warps=4, num_stages=3)
-    if m <= 256:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_U=2, GROUP_M=8, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_U=2, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_U=2, GROUP_M=8, num_warps=4, num_stages=2)
 
 
 def prefill_linear(x2d: torch.Tensor, lay, config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
