@@ -176,6 +176,8 @@ def check_correctness(dev, results, quick):
 def bench_decode_prefill(dev, results, quick, sweep):
     log("== timing W4A16 2:4 (int4 g128) vs baselines ==")
     token_counts = [1, 16, 128, 2048] if quick else [1, 2, 4, 8, 16, 128, 512, 2048]
+    if os.environ.get("BENCH_TOKENS"):
+        token_counts = [int(t) for t in os.environ["BENCH_TOKENS"].split(",")]
     for (n, k) in SHAPES[: 2 if quick else None]:
         pk = random_packed24(n, k, 4, 128, True, device=dev, seed=1)
         lay0 = build_layout(pk, dev)

@@ -142,10 +142,11 @@ def test_activation_quant_matches_reference(kind):
     q, s = cslt.quantize_per_token(x, kind, pad_to=8)
     assert q.shape == (8, 300) and s.shape == (8,)
     assert torch.all(q[5:].float() == 0) and torch.all(s[5:] == 1)
-    rq, rs = reference.quantize_per_token(x.cpu(), kind)
-    assert torch.equal(s[:5].cpu(), rs)
+    rq, rs = reference.quantize_per_token(x, kind)
+    assert torch.allclose(s[:5], rs, rtol=1e-6, atol=0), (s[:5], rs)
     if kind == "int8" or HAS_CUDA:
-        assert (q[:5].float().cpu() == rq.float()).float().mean() > 0.999, f"seed {SEED}"
+        same = (q[:5].float() == rq.float()).float().mean().item()
+        assert same > 0.999, f"{kind} codes match {same:.5f}, seed {SEED}"
     # else: Triton 3.6's CPU interpreter converts fp32 -> fp8 wrongly (124.7 -> 64), so only the
     # scales and the padding are checked there; the GPU test checks the fp8 codes exactly.
 

@@ -7,10 +7,10 @@ supports its format on ``device`` (or None: the caller then uses the reference p
 What runs where (see docs/kernels.md):
 - 'nm24' int4/int8 codes, group size a multiple of 32 or per channel, float16/bfloat16
   activations on CUDA: the Triton decode kernel up to ``DECODE_MAX_TOKENS`` tokens (its fp16 path
-  is inline PTX); above that, by default (``PREFILL_PATH = "expand"``), a Triton kernel expands
-  the weight into a transient dense buffer and cuBLAS multiplies, which measured faster on an H100
-  than the Triton prefill kernel (expand tiles in registers + tl.dot, ``PREFILL_PATH =
-  "triton"``) at every token count we timed (BENCHMARKS.md, '## GPU kernels').
+  is inline PTX); above that either the Triton prefill kernel (tiles expanded in registers +
+  tl.dot) or a Triton kernel that expands the weight into a transient dense buffer followed by
+  cuBLAS, whichever measured faster on an H100 for the size (``PREFILL_PATH``; BENCHMARKS.md,
+  '## GPU kernels').
 - W8A8 (``act_quant='int8'|'fp8'``, opt-in because it changes the activations' precision):
   cuSPARSELt 2:4 int8/fp8 with a per-token activation quantization kernel.
 - Everything else (CPU, dense or bitmap storage, other bit widths or group sizes): None.
@@ -23,8 +23,10 @@ from . import reference  # noqa: F401  (part of the public kernel API)
 
 #: Largest token count sent to the decode kernel (measured crossover on an H100: 8 to 16).
 DECODE_MAX_TOKENS = 8
-#: Many-token path: "expand" (dense buffer + cuBLAS) or "triton" (tl.dot prefill kernel).
-PREFILL_PATH = "expand"
+#: Many-token path: "auto", "expand" (dense buffer + cuBLAS) or "triton" (tl.dot prefill kernel).
+#: "auto" takes the Triton kernel up to 32 tokens on wide outputs (N >= 8192), where it measured
+#: faster than expanding (83 vs 100-131 us at 16 tokens), and expand + cuBLAS everywhere else.
+PREFILL_PATH = "auto"
 
 
 class Nm24State:
@@ -50,7 +52,8 @@ class Nm24State:
 
         if x2d.shape[0] <= DECODE_MAX_TOKENS:
             return decode_linear(x2d, self.layout, self.workspace)
-        if PREFILL_PATH == "triton":
+        m = x2d.shape[0]
+        if PREFILL_PATH == "triton" or (PREFILL_PATH == "auto" and m <= 32 and self.layout.n >= 8192):
             return prefill_linear(x2d, self.layout)
         return expand_linear(x2d.contiguous(), self.layout)
 

@@ -162,14 +162,13 @@ def expand_linear(x2d: torch.Tensor, lay, workspace: torch.Tensor | None = None)
     return x2d @ wt
 
 
-def pick_prefill_config(m: int, n: int, k: int) -> dict:
+def pick_prefill_config(m: int, n: int, k: int, sms: int = 132) -> dict:
     """Tile sizes per token count (from the sweep in benchmarks/bench_kernels.py)."""
-    if m <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_U=2, GROUP_M=8, num_warps=4, num_stages=3)
-    if m <= 32:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_U=2, GROUP_M=8, num_warps=4, num_stages=3)
     if m <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_U=2, GROUP_M=8, num_warps=4, num_stages=3)
+        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+        # Few tokens give few programs: narrow the column block until the GPU is covered.
+        bn = 64 if triton.cdiv(n, 64) * triton.cdiv(m, bm) >= sms else 32
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_U=2, GROUP_M=8, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_U=2, GROUP_M=8, num_warps=4, num_stages=2)
 
 
