@@ -1,4 +1,4 @@
-"""Decode kernel (1-16 tokens): ``y = x @ W^T`` for a quantized 2:4 weight, without expanding W.
+"""Decode kernel (1-16 tokens, dispatched for 1-8): ``y = x @ W^T`` for a quantized 2:4 weight, without expanding W.
 
 At a few tokens the work is a pass over the packed weight (3.1 bits per weight for int4 g128),
 so what matters is bytes in flight and instructions per weight. Each lane owns four consecutive
@@ -10,8 +10,10 @@ read the same activations (one broadcast 8-byte load per group of four). Per gro
 - one LOP3 turns two 4-bit codes into the fp16 pair ``1024 + code`` (int8: one PRMT);
 - ``sub.f16x2`` (zero point), ``mul.f16x2`` (scale) and ``fma.f16x2`` against the activations.
 
-That is about 8 instructions per group of four weights, under the ~13 that the memory system
-leaves per group at full bandwidth. Products of four groups are summed in fp16 (as the weights
+That is about 8 PTX instructions per group of four weights (about 12 SASS instructions per group
+in the compiled loop, with addressing), near the ~13 that the memory system leaves per group at
+full bandwidth; on an H100 the kernel reaches 28-52% of the memory roofline at 1 token (see
+benchmarks/KERNEL_NOTES.md for why). Products of four groups are summed in fp16 (as the weights
 are already scaled, these are partial dot products of real magnitude) and then added in fp32.
 This path is written as inline PTX; the same kernel has a portable path in plain Triton ops
 (fp32 arithmetic) that runs for bf16 activations, under TRITON_INTERPRET=1 and as a fallback.
