@@ -31,6 +31,7 @@ from sparsequant.kernels.cslt import CsltW8A8, quantize_per_token, weight_from_d
 from sparsequant.kernels.layout import build_layout
 from sparsequant.kernels.testing import random_packed24
 from sparsequant.kernels.triton_decode import DecodeWorkspace, decode_linear, pick_decode_config
+from sparsequant.kernels.triton_expand import expand_dense_ptx
 from sparsequant.kernels.triton_prefill import expand_dense_t, expand_linear, pick_prefill_config, prefill_linear
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)]  # out x in
@@ -207,10 +208,13 @@ def bench_decode_prefill(dev, results, quick, sweep):
             if m >= 2:
                 r["prefill_us"] = time_graph([lambda l=l: prefill_linear(x, l) for l in lays[:4]])
             if m >= 16:
-                wt = torch.empty(k, n, dtype=torch.float16, device=dev)
-                r["expand_cublas_us"] = time_graph([lambda l=l: expand_linear(x, l, wt) for l in lays[:4]])
+                r["expand_cublas_us"] = time_graph([lambda l=l: expand_linear(x, l) for l in lays[:4]])
                 if m == 16:
-                    r["expand_only_us"] = time_graph([lambda l=l: expand_dense_t(l, torch.float16, wt) for l in lays[:4]])
+                    wt = torch.empty(k, n, dtype=torch.float16, device=dev)
+                    wn = torch.empty(n, k, dtype=torch.float16, device=dev)
+                    r["expand_portable_only_us"] = time_graph(
+                        [lambda l=l: expand_dense_t(l, torch.float16, wt) for l in lays[:4]])
+                    r["expand_ptx_only_us"] = time_graph([lambda l=l: expand_dense_ptx(l, wn) for l in lays[:4]])
             if sweep and (n, k) in sweep and m in (1, 4):
                 r["decode_sweep"] = sweep_decode(x, lays, wss, n, k)
             if sweep and (n, k) in sweep and m in (16, 2048) and os.environ.get("SWEEP_PREFILL"):

@@ -19,6 +19,7 @@ if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from sparsequant.errors import PatternError  # noqa: E402
 from sparsequant import kernels  # noqa: E402
@@ -27,9 +28,8 @@ from sparsequant.kernels.testing import random_packed24  # noqa: E402
 
 
 def _kernel_modules():
-    names = ["sparsequant.kernels.triton_decode", "sparsequant.kernels.triton_prefill", "sparsequant.kernels.cslt"]
     mods = []
-    for name in names:
+    for name in _KERNEL_OF:
         mod = importlib.import_module(name)
         if not HAS_CUDA and not isinstance(getattr(mod, _KERNEL_OF[name]), triton.runtime.interpreter.InterpretedFunction):
             mod = importlib.reload(mod)  # imported earlier without TRITON_INTERPRET
@@ -41,8 +41,9 @@ _KERNEL_OF = {
     "sparsequant.kernels.triton_decode": "_decode24_kernel",
     "sparsequant.kernels.triton_prefill": "_prefill24_kernel",
     "sparsequant.kernels.cslt": "_quant_rows_kernel",
+    "sparsequant.kernels.triton_expand": "_stack16",
 }
-td, tp, cslt = _kernel_modules()
+td, tp, cslt, te = _kernel_modules()
 from sparsequant.kernels.layout import build_layout  # noqa: E402
 
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -72,7 +73,7 @@ def _tol(dtype):
 def test_cpu_runs_the_interpreter():
     if HAS_CUDA:
         pytest.skip("GPU present: kernels are compiled")
-    for mod, name in zip((td, tp, cslt), _KERNEL_OF.values()):
+    for mod, name in zip((td, tp, cslt, te), _KERNEL_OF.values()):
         assert isinstance(getattr(mod, name), triton.runtime.interpreter.InterpretedFunction)
 
 
@@ -208,6 +209,18 @@ def test_gpu_dispatch_all_token_counts(dtype, n, k, bits, group, sym):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("bits,group,sym", [(4, 128, True), (8, 64, False), (4, None, False)])
+def test_gpu_ptx_expand_is_exact(bits, group, sym):
+    pk = random_packed24(200, 1064, bits, group, sym, device=DEV, seed=SEED % 967)
+    lay = build_layout(pk, DEV)
+    w = torch.full((200, 1064), float("nan"), dtype=torch.float16, device=DEV)
+    te.expand_dense_ptx(lay, w)
+    # (code - zero) and the scale are exact in fp16, so one rounding of their product: exact
+    assert torch.equal(w, reference.dequantize_nm24(pk).half()), f"seed {SEED}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_decode_in_cuda_graph():
     pk = random_packed24(1024, 2048, 4, 128, True, device=DEV)
     state = kernels.prepare(pk, DEV, torch.float16)
@@ -238,3 +251,96 @@ def test_gpu_w8a8_cusparselt(kind, tmp_path, monkeypatch):
             wq = torch.round(reference.dequantize_nm24(pk) / ws[:, None]).to(torch.int8)
         ref = reference.linear_w8a8(rq, rs, wq, ws)
         assert _rel(kernels.linear(x, state), ref) < 1e-2, f"m={m} seed {SEED}"
+
+
+# -- the inline PTX, checked on the CPU by emulating its instructions ----------------------------
+
+def _emulate_ptx(asm: str, regs: dict) -> dict:
+    """Run the straight-line PTX subset our kernels use on Python ints (fp16 math via numpy)."""
+    import numpy as np
+
+    def halves(w):
+        return np.array([w & 0xFFFF, (w >> 16) & 0xFFFF], dtype=np.uint16).view(np.float16)
+
+    def word(h):
+        u = np.asarray(h, dtype=np.float16).view(np.uint16)
+        return int(u[0]) | (int(u[1]) << 16)
+
+    def prmt(a, b, sel):
+        src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+        return sum(src[(sel >> (4 * i)) & 7] << (8 * i) for i in range(4))
+
+    r = dict(regs)
+    val = lambda x: r[x] if x in r else int(x, 0)  # noqa: E731
+    for line in asm.split("\n"):
+        line = line.strip()
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        a = [x.strip() for x in rest.rstrip(";").split(",")]
+        if op == "mov.b64":
+            lo, hi = (x.strip() for x in rest[rest.index("{") + 1: rest.index("}")].split(","))
+            v = val(a[-1])
+            r[lo], r[hi] = v & 0xFFFFFFFF, v >> 32
+            continue
+        f = {
+            "mov.b32": lambda: val(a[1]),
+            "shr.b32": lambda: val(a[1]) >> val(a[2]),
+            "shl.b32": lambda: (val(a[1]) << val(a[2])) & 0xFFFFFFFF,
+            "and.b32": lambda: val(a[1]) & val(a[2]),
+            "lop3.b32": lambda: (val(a[1]) & val(a[2])) | val(a[3]),  # only LUT 0xEA is used
+            "prmt.b32": lambda: prmt(val(a[1]), val(a[2]), val(a[3])),
+            "sub.f16x2": lambda: word((halves(val(a[1])).astype(np.float32) - halves(val(a[2]))).astype(np.float16)),
+            "mul.f16x2": lambda: word((halves(val(a[1])).astype(np.float32) * halves(val(a[2]))).astype(np.float16)),
+            "cvt.u64.u32": lambda: val(a[1]),
+            "shl.b64": lambda: (val(a[1]) << val(a[2])) & (2**64 - 1),
+            "or.b64": lambda: val(a[1]) | val(a[2]),
+        }[op]
+        assert op != "lop3.b32" or a[4] == "0xEA"
+        r[a[0]] = f()
+    return r
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 128, True), (8, 64, False), (4, None, False)])
+def test_expand_ptx_emulated_is_exact(bits, group, sym):
+    import numpy as np
+
+    from sparsequant.kernels.triton_expand import _asm_expand_unit
+
+    n, k = 6, 200
+    pk = random_packed24(n, k, bits, group, sym, seed=SEED % 953)
+    lay = build_layout(pk, "cpu")
+    asm, _ = _asm_expand_unit(bits)
+    nv = bits // 2
+    dense = np.zeros((n, lay.units * 32), dtype=np.float16)
+    for row in range(n):
+        for u in range(lay.units):
+            g = u * 32 // lay.group
+            regs = {"$16": int(lay.meta[u, row]) & 0xFFFFFFFF}
+            for i in range(nv):
+                regs[f"${17 + i}"] = int(lay.vals[u * nv + i, row]) & 0xFFFFFFFF
+            z = int(lay.zeros[g, row]) if lay.zeros is not None else lay.sym_zero
+            regs[f"${17 + nv}"] = (int(lay.scales[g, row].view(torch.int16)) & 0xFFFF) * 0x10001
+            regs[f"${18 + nv}"] = (z + 0x6400) * 0x10001
+            out = _emulate_ptx(asm, regs)
+            words = np.array([out[f"${t}"] for t in range(16)], dtype=np.uint32)
+            dense[row, u * 32:(u + 1) * 32] = words.view(np.float16)
+    assert np.array_equal(dense[:, :k], reference.dequantize_nm24(pk).half().numpy()), f"seed {SEED}"
+
+
+@triton.jit
+def _stack16_probe(out_ptr):
+    r = tl.arange(0, 4)
+    z = r * 0
+    w = te._stack16(z, z + 1, z + 2, z + 3, z + 4, z + 5, z + 6, z + 7,
+                    z + 8, z + 9, z + 10, z + 11, z + 12, z + 13, z + 14, z + 15 + r * 16)
+    tl.store(out_ptr + r[:, None] * 16 + tl.arange(0, 16)[None, :], w)
+
+
+def test_stack16_keeps_column_order():
+    # The PTX expansion's 16 output words go through _stack16; run it alone (interpreter on CPU).
+    out = torch.zeros(4, 16, dtype=torch.int32, device=DEV)
+    _stack16_probe[(1,)](out)
+    expect = torch.arange(16, dtype=torch.int32).repeat(4, 1)
+    expect[:, 15] += torch.arange(4, dtype=torch.int32) * 16
+    assert torch.equal(out.cpu(), expect)

@@ -156,10 +156,18 @@ def expand_dense_t(lay, dtype: torch.dtype, out: torch.Tensor | None = None) -> 
     return out
 
 
-def expand_linear(x2d: torch.Tensor, lay, workspace: torch.Tensor | None = None) -> torch.Tensor:
-    """``x2d @ W^T`` by expanding W into ``workspace`` (or a fresh buffer) and calling cuBLAS."""
-    wt = expand_dense_t(lay, x2d.dtype, workspace)
-    return x2d @ wt
+def expand_linear(x2d: torch.Tensor, lay) -> torch.Tensor:
+    """``x2d @ W^T`` by expanding W into a transient dense buffer and calling cuBLAS.
+
+    fp16 on CUDA uses the inline-PTX expansion (triton_expand.py, ``W [N, K]``); otherwise the
+    portable Triton expansion writes ``W^T [K, N]``.
+    """
+    if x2d.is_cuda and x2d.dtype == torch.float16:
+        from .triton_expand import expand_dense_ptx
+
+        return torch.nn.functional.linear(x2d, expand_dense_ptx(lay))
+    return x2d @ expand_dense_t(lay, x2d.dtype)
+
 
 
 def pick_prefill_config(m: int, n: int, k: int, sms: int = 132) -> dict:
