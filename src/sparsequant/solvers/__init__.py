@@ -4,9 +4,14 @@ Each algorithm lives in its own module and registers itself here under a name th
 """
 from .base import CompressedWeight, LayerStats
 from .compose import LinearPlan, compress_weight
+from .gptq import OPTIONS as _GPTQ_OPTIONS
+from .gptq import gptq_quantize
 from .magnitude import magnitude_prune
 from .registry import JOINT, PRUNERS, QUANTIZERS, register
 from .rtn import rtn_quantize
+from .smoothing import fold_smoothing, smoothing_scales
+from .sparsegpt import OPTIONS as _SPARSEGPT_OPTIONS
+from .sparsegpt import sparsegpt_joint, sparsegpt_prune
 from .wanda import wanda_prune
 
 register(PRUNERS, "magnitude", magnitude_prune, needs_hessian=False, needs_stats=False,
@@ -15,6 +20,12 @@ register(PRUNERS, "wanda", wanda_prune, needs_hessian=False, needs_stats=True,
          summary="keep the largest |W|*||X||, per output row")
 register(QUANTIZERS, "rtn", rtn_quantize, needs_hessian=False, needs_stats=False,
          summary="round to nearest, scales fitted on kept weights")
+register(PRUNERS, "sparsegpt", sparsegpt_prune, needs_hessian=True, needs_stats=True,
+         summary="OBS pruning with compensation of kept weights (SparseGPT)", options=_SPARSEGPT_OPTIONS)
+register(QUANTIZERS, "gptq", gptq_quantize, needs_hessian=True, needs_stats=True,
+         summary="OBS quantization column by column, pruned weights fixed at zero (GPTQ)", options=_GPTQ_OPTIONS)
+register(JOINT, "sparsegpt", sparsegpt_joint, needs_hessian=True, needs_stats=True,
+         summary="SparseGPT pruning and quantization in one OBS pass", options=_SPARSEGPT_OPTIONS)
 
 __all__ = [
     "CompressedWeight",
@@ -24,5 +35,10 @@ __all__ = [
     "PRUNERS",
     "QUANTIZERS",
     "compress_weight",
+    "fold_smoothing",
+    "gptq_quantize",
+    "smoothing_scales",
+    "sparsegpt_joint",
+    "sparsegpt_prune",
     "register",
 ]

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
-from ..errors import NonFiniteWeightError, PatternError
+from ..errors import NonFiniteWeightError, PatternError, RecipeError
 from ..patterns import SparsitySpec, validate_mask
 from ..quant import QuantParams, QuantSpec
 
@@ -115,3 +116,12 @@ def check_finite(weight: torch.Tensor, name: str = "weight") -> None:
     if not torch.isfinite(weight).all():
         bad = int((~torch.isfinite(weight)).sum())
         raise NonFiniteWeightError(f"{name} holds {bad} NaN/Inf values; refusing to compress it")
+
+
+def check_options(solver: str, options: dict, allowed: Iterable[str] = ()) -> None:
+    """Raise RecipeError for option names ``solver`` does not take (catches typos in recipes)."""
+    allowed = set(allowed)
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        takes = ", ".join(sorted(allowed)) if allowed else "no options"
+        raise RecipeError(f"{solver} does not take option(s) {', '.join(map(repr, unknown))}; it takes {takes}")

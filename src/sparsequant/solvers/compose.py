@@ -1,10 +1,12 @@
 """Compress one weight matrix as a plan says: prune, then quantize (or both jointly)."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import RecipeError
 from ..patterns import SparsitySpec
 from ..quant import QuantSpec
 from .base import CompressedWeight, LayerStats, check_finite
@@ -54,8 +56,15 @@ def compress_weight(
     stats: LayerStats | None,
     plan: LinearPlan,
     storage_dtype: torch.dtype = torch.float16,
+    info: dict | None = None,
 ) -> CompressedWeight:
-    """Apply ``plan`` to ``weight`` and return a validated CompressedWeight."""
+    """Apply ``plan`` to ``weight`` and return a validated CompressedWeight.
+
+    ``plan.options`` go to the solvers that declare them (a name none of the plan's solvers takes
+    is a RecipeError). ``info``, when given, receives the diagnostics of the solvers that report
+    any, one dict per stage: ``info["joint"]``, or ``info["prune"]`` and ``info["quant"]``
+    (for example ``info["joint"]["damp"]``, ``info["quant"]["loss"]``).
+    """
     check_finite(weight)
     if stats is not None and not torch.isfinite(stats.sq_sum).all():
         from ..errors import NonFiniteWeightError
@@ -64,13 +73,47 @@ def compress_weight(
     opts = dict(plan.options)
     if plan.uses_joint:
         entry = JOINT[plan.prune]
-        codes, qparams, mask = entry.fn(weight, stats, plan.sparsity, plan.quant, **opts)
+        unknown = sorted(set(opts) - entry.options)
+        if unknown:
+            raise RecipeError(
+                f"joint {plan.prune} does not take option(s) {', '.join(map(repr, unknown))}; it takes "
+                f"{', '.join(sorted(entry.options)) or 'none'}. Set joint to false to run pruner "
+                f"{plan.prune!r} and then quantizer {plan.quantizer!r} separately"
+            )
+        codes, qparams, mask = entry.fn(
+            weight, stats, plan.sparsity, plan.quant, **opts, **_info_kw(entry, info, "joint")
+        )
         result = CompressedWeight.from_quantized(codes, qparams, plan.sparsity, mask)
         return result.validate()
+    prune_opts, quant_opts = _route(plan, opts)
     w, mask = weight.float(), None
     if not plan.sparsity.is_dense:
-        w, mask = lookup(PRUNERS, plan.prune, "pruning method").fn(weight, stats, plan.sparsity, **opts)
+        entry = lookup(PRUNERS, plan.prune, "pruning method")
+        w, mask = entry.fn(weight, stats, plan.sparsity, **prune_opts, **_info_kw(entry, info, "prune"))
     if plan.quant is None:
         return CompressedWeight.from_float(w, plan.sparsity, mask, storage_dtype).validate()
-    codes, qparams = lookup(QUANTIZERS, plan.quantizer, "quantizer").fn(w, stats, plan.quant, mask, **opts)
+    entry = lookup(QUANTIZERS, plan.quantizer, "quantizer")
+    codes, qparams = entry.fn(w, stats, plan.quant, mask, **quant_opts, **_info_kw(entry, info, "quant"))
     return CompressedWeight.from_quantized(codes, qparams, plan.sparsity, mask).validate()
+
+
+def _route(plan: LinearPlan, opts: dict) -> tuple[dict, dict]:
+    """Split options between the plan's pruner and quantizer; both may take the same name."""
+    pruner, quantizer = PRUNERS.get(plan.prune), QUANTIZERS.get(plan.quantizer)
+    p_names = pruner.options if pruner else frozenset()
+    q_names = quantizer.options if quantizer else frozenset()
+    unknown = sorted(set(opts) - p_names - q_names)
+    if unknown:
+        raise RecipeError(
+            f"option(s) {', '.join(map(repr, unknown))} are taken by neither pruner {plan.prune!r} "
+            f"({', '.join(sorted(p_names)) or 'no options'}) nor quantizer {plan.quantizer!r} "
+            f"({', '.join(sorted(q_names)) or 'no options'})"
+        )
+    return ({k: v for k, v in opts.items() if k in p_names}, {k: v for k, v in opts.items() if k in q_names})
+
+
+def _info_kw(entry, info: dict | None, stage: str) -> dict:
+    """``info=...`` for solvers that take it (found by signature, so solvers without it still work)."""
+    if info is None or "info" not in inspect.signature(entry.fn).parameters:
+        return {}
+    return {"info": info.setdefault(stage, {})}

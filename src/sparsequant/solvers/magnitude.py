@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..patterns import SparsitySpec, mask_from_scores
-from .base import LayerStats
+from .base import LayerStats, check_options
 
 
 def magnitude_scores(weight: torch.Tensor, stats: LayerStats | None = None) -> torch.Tensor:
@@ -12,8 +12,9 @@ def magnitude_scores(weight: torch.Tensor, stats: LayerStats | None = None) -> t
 
 
 def magnitude_prune(
-    weight: torch.Tensor, stats: LayerStats | None, sparsity: SparsitySpec
+    weight: torch.Tensor, stats: LayerStats | None, sparsity: SparsitySpec, **options
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return (pruned weight, mask). ``stats`` is unused: magnitude needs no calibration."""
+    check_options("magnitude", options)
     mask = mask_from_scores(magnitude_scores(weight), sparsity)
     return (weight.float() if mask is None else weight.float() * mask), mask

@@ -4,6 +4,8 @@ A pruner maps ``(weight, stats, sparsity, **options) -> (weight, mask)``; it may
 weights (SparseGPT does). A quantizer maps ``(weight, stats, quant_spec, mask, **options) ->
 (codes, qparams)`` and must keep pruned weights pruned. A joint solver maps ``(weight, stats,
 sparsity, quant_spec, **options) -> (codes, qparams, mask)`` and prunes and quantizes together.
+Each entry declares the option names it takes; solvers raise RecipeError on any other name. A
+solver may also take ``info=<dict>`` and fill it with diagnostics (damping used, loss, ...).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ class SolverEntry:
     needs_hessian: bool
     needs_stats: bool
     summary: str
+    options: frozenset = frozenset()
 
 
 PRUNERS: dict[str, SolverEntry] = {}
@@ -26,8 +29,17 @@ QUANTIZERS: dict[str, SolverEntry] = {}
 JOINT: dict[str, SolverEntry] = {}
 
 
-def register(table: dict, name: str, fn: Callable, *, needs_hessian: bool, needs_stats: bool, summary: str):
-    table[name] = SolverEntry(fn, needs_hessian, needs_stats, summary)
+def register(
+    table: dict,
+    name: str,
+    fn: Callable,
+    *,
+    needs_hessian: bool,
+    needs_stats: bool,
+    summary: str,
+    options: tuple[str, ...] = (),
+):
+    table[name] = SolverEntry(fn, needs_hessian, needs_stats, summary, frozenset(options))
 
 
 def lookup(table: dict, name: str, what: str) -> SolverEntry:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..patterns import SparsitySpec, mask_from_scores
-from .base import LayerStats
+from .base import LayerStats, check_options
 
 
 def wanda_scores(weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
@@ -16,9 +16,10 @@ def wanda_scores(weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
 
 
 def wanda_prune(
-    weight: torch.Tensor, stats: LayerStats, sparsity: SparsitySpec
+    weight: torch.Tensor, stats: LayerStats, sparsity: SparsitySpec, **options
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return (pruned weight, mask)."""
+    check_options("wanda", options)
     if stats is None:
         raise ValueError("Wanda needs activation statistics; run it through the calibration pipeline")
     mask = mask_from_scores(wanda_scores(weight, stats), sparsity)
