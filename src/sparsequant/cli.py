@@ -236,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", parents=[common], help="summarize a checkpoint")
     p.add_argument("checkpoint")
     p.set_defaults(func=cmd_info)
+
+    from .commands import plan as plan_cmd
+    from .commands import report as report_cmd
+
+    plan_cmd.add_parser(sub, common)
+    report_cmd.add_parser(sub, common)
     return parser
 
 
