@@ -43,16 +43,17 @@ def main():
     ap.add_argument("--patterns", default="2:4,4:8,8:16,50%")
     ap.add_argument("--quant", default="none,int4", help=f"comma list of {', '.join(QUANTS)}")
     ap.add_argument("--dense-quant", default="int4", help="quant schemes also run on the dense model")
-    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=20)
     ap.add_argument("--eval-seq-len", type=int, default=1024)
     ap.add_argument("--joint", action="store_true", help="joint prune+quantize where the method supports it")
     ap.add_argument("--true-sequential", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/accuracy_matrix.json")
     args = ap.parse_args()
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model, tok = load_model(quiet=True)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     calib = calibration_windows(tok, args.samples, args.seq_len, seed=0)
@@ -61,7 +62,7 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(out.read_text())["rows"] if out.is_file() else []
     done = {(r["method"], r["pattern"], r["quant"]) for r in rows}
-    header = {"date": str(date.today()), "device": f"CPU ({platform.processor() or platform.machine()}), 2 threads",
+    header = {"date": str(date.today()), "device": f"CPU ({platform.processor() or platform.machine()}), {args.threads} threads",
               "calibration": f"{args.samples} x {args.seq_len} tokens of the Wikipedia calibration half",
               "evaluation": f"{args.eval_windows} x {args.eval_seq_len} tokens of the Wikipedia evaluation half"}
 
