@@ -205,3 +205,22 @@ def test_smoothing_recipe_runs():
     recipe = RECIPE.with_(smoothing=0.5, pattern="dense", quant=QuantConfig(bits=8, group_size=None))
     result = sq.compress(model, recipe, calibration=random_ids(4, 16), progress=False)
     assert all(r.rel_error < 0.05 for r in result.layers)
+
+
+@pytest.mark.parametrize("recipe", [
+    Recipe(method="sparsegpt", pattern="2:4", quant=QuantConfig(bits=4, group_size=32), joint=True,
+           calibration=CalibrationConfig(samples=4, seq_len=16, batch_size=2)),
+    Recipe(method="wanda", pattern="4:8", quant=QuantConfig(method="gptq", bits=3, group_size=32), true_sequential=True,
+           calibration=CalibrationConfig(samples=4, seq_len=16, batch_size=2)),
+])
+def test_hessian_solvers_through_the_engine(recipe, tmp_path):
+    model = tiny_model("qwen2")
+    x = random_ids(1, 16, seed=9)
+    result = sq.compress(model, recipe, calibration=random_ids(4, 16), progress=False)
+    assert any(k.endswith("damp") for r in result.linears for k in r.info)  # diagnostics reach the log
+    sq.save(result, tmp_path / "ck")
+    loaded, _, _ = load_checkpoint(tmp_path / "ck")
+    assert torch.equal(loaded(x).logits, model(x).logits)
+    for pw in result.packed.values():
+        cw = pw.to_compressed()
+        validate_nm(cw.mask, recipe.sparsity.n, recipe.sparsity.m)

@@ -146,10 +146,16 @@ def _int4(method="rtn"):
 PRESETS: dict[str, Recipe] = {
     "2:4-w4a16": Recipe(name="2:4-w4a16", method="wanda", pattern="2:4", quant=_int4()),
     "50%-w4a16": Recipe(name="50%-w4a16", method="wanda", pattern="50%", quant=_int4()),
+    "2:4-w4a16-sparsegpt": Recipe(name="2:4-w4a16-sparsegpt", method="sparsegpt", pattern="2:4", quant=_int4(),
+                                  joint=True),
+    "50%-w4a16-sparsegpt": Recipe(name="50%-w4a16-sparsegpt", method="sparsegpt", pattern="50%", quant=_int4(),
+                                  joint=True),
+    "w4a16-gptq": Recipe(name="w4a16-gptq", method="magnitude", pattern="dense", quant=_int4("gptq")),
     "w4a16": Recipe(name="w4a16", method="magnitude", pattern="dense", quant=_int4()),
     "w8a16": Recipe(name="w8a16", method="magnitude", pattern="dense",
                     quant=QuantConfig(bits=8, group_size=None, symmetric=True)),
     "2:4": Recipe(name="2:4", method="wanda", pattern="2:4", quant=None),
+    "2:4-sparsegpt": Recipe(name="2:4-sparsegpt", method="sparsegpt", pattern="2:4", quant=None),
     "4:8": Recipe(name="4:8", method="wanda", pattern="4:8", quant=None),
     "50%": Recipe(name="50%", method="wanda", pattern="50%", quant=None),
 }
