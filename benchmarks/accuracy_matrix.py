@@ -32,6 +32,7 @@ QUANTS = {
     "int4": QuantConfig("rtn", 4, 128, True),
     "int4-gptq": QuantConfig("gptq", 4, 128, True),
     "int4g64": QuantConfig("rtn", 4, 64, True),
+    "int4g64-gptq": QuantConfig("gptq", 4, 64, True),
     "int3": QuantConfig("rtn", 3, 128, True),
     "int2-gptq-g64": QuantConfig("gptq", 2, 64, True),
 }
@@ -77,9 +78,9 @@ def main():
         save()
     dense_ppl = next(r["ppl"] for r in rows if r["method"] == "dense")
 
-    jobs = [(m, p, q) for m in args.methods.split(",") for p in args.patterns.split(",")
-            for q in args.quant.split(",")]
-    jobs += [("-", "dense", q) for q in args.dense_quant.split(",") if q and q != "none"]
+    names = lambda text: [t for t in text.split(",") if t]  # noqa: E731
+    jobs = [(m, p, q) for m in names(args.methods) for p in names(args.patterns) for q in names(args.quant)]
+    jobs += [("-", "dense", q) for q in names(args.dense_quant) if q != "none"]
     for method, pattern, qname in jobs:
         if (method, pattern, qname) in done:
             continue
