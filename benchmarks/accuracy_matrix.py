@@ -52,7 +52,11 @@ def main():
     ap.add_argument("--true-sequential", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/accuracy_matrix.json")
+    ap.add_argument("--table-only", action="store_true", help="print the table of the rows already in --out")
     args = ap.parse_args()
+    if args.table_only:
+        print_table(json.loads(Path(args.out).read_text())["rows"])
+        return
 
     torch.set_num_threads(args.threads)
     model, tok = load_model(quiet=True)
@@ -100,10 +104,15 @@ def main():
               f"{size.bits_per_weight:.3f} b/w  {t_comp:.0f}s", flush=True)
         save()
 
+    print_table(rows)
+
+
+def print_table(rows):
+    dense_ppl = next(r["ppl"] for r in rows if r["method"] == "dense")
     table = [[r["method"], r["pattern"], r["quant"], r["bits_per_weight"], r["linear_ratio"], r["model_ratio"],
-              r["ppl"], r["ppl"] / dense_ppl] for r in rows]
+              r["ppl"], r["ppl"] / dense_ppl, r["seconds"]] for r in rows]
     print(markdown_table(["method", "pattern", "quant", "bits/weight", "linears vs fp16", "model vs fp16", "ppl",
-                          "ppl / dense"], table))
+                          "ppl / dense", "seconds"], table))
 
 
 if __name__ == "__main__":
