@@ -97,7 +97,8 @@ def main():
         t_comp = time.perf_counter() - t0
         ppl = perplexity(model, ev, progress=False)
         size = size_report(result.packed, uncompressed_tensors(model, result.packed, result.storage_dtype))
-        rows.append({"method": method, "pattern": pattern, "quant": qname, "ppl": ppl,
+        joint = recipe.plan().uses_joint
+        rows.append({"method": method, "pattern": pattern, "quant": qname, "joint": joint, "ppl": ppl,
                      "bits_per_weight": size.bits_per_weight, "linear_ratio": size.linear_ratio,
                      "model_ratio": size.model_ratio, "seconds": t_comp})
         print(f"{method:10s} {pattern:6s} {qname:8s} ppl {ppl:10.2f} ({ppl / dense_ppl:.2f}x dense) "
@@ -109,7 +110,7 @@ def main():
 
 def print_table(rows):
     dense_ppl = next(r["ppl"] for r in rows if r["method"] == "dense")
-    table = [[r["method"], r["pattern"], r["quant"], r["bits_per_weight"], r["linear_ratio"], r["model_ratio"],
+    table = [[r["method"], r["pattern"], r["quant"] + (" joint" if r.get("joint") else ""), r["bits_per_weight"], r["linear_ratio"], r["model_ratio"],
               r["ppl"], r["ppl"] / dense_ppl, r["seconds"]] for r in rows]
     print(markdown_table(["method", "pattern", "quant", "bits/weight", "linears vs fp16", "model vs fp16", "ppl",
                           "ppl / dense", "seconds"], table))

@@ -122,7 +122,11 @@ def _row_from_recipe(recipe: dict | None, run: str, source: str) -> ReportRow:
     if recipe.get("skip") and not dense_pattern:
         sparsity += " (some layers dense)"
     is_dense = dense_pattern and not q
-    return ReportRow(run, source, None, _quant_label(q), "Dense" if is_dense else pruning,
+    qlabel = _quant_label(q)
+    if q and not dense_pattern and recipe.get("joint") and method.lower() == "sparsegpt":
+        # quantized inside SparseGPT's OBS pass, not by the quantizer the recipe names
+        qlabel = "joint " + qlabel.split(" ", 1)[1]
+    return ReportRow(run, source, None, qlabel, "Dense" if is_dense else pruning,
                      int(q["bits"]) if q else 16, sparsity, None, None, None, is_dense=is_dense)
 
 
@@ -215,7 +219,8 @@ def read_matrix(path) -> list[ReportRow]:
         except (KeyError, TypeError):
             raise ReportError(f"{path}: row {i} lacks method/pattern/quant") from None
         dense = method == "dense"
-        recipe = None if dense else {"method": method, "pattern": pattern, "quant": _parse_matrix_quant(qname)}
+        recipe = None if dense else {"method": method, "pattern": pattern, "quant": _parse_matrix_quant(qname),
+                                     "joint": bool(r.get("joint", False))}
         row = _row_from_recipe(recipe, f"{method}/{pattern}/{qname}", f"{path}#{i}")
         if not dense:
             row.compression_ratio = r.get("model_ratio")
