@@ -60,3 +60,12 @@ def test_wikipedia_split_is_disjoint_and_windows_fixed():
     assert not torch.equal(a, calibration_windows(tok, 8, 256, seed=4))
     e = evaluation_windows(tok, 512, 3)
     assert e.shape == (3, 512)
+
+
+def test_eval_tasks_on_checkpoint(compressed, capsys):
+    assert main(["eval", str(compressed), "--tasks", "arc_easy,winogrande", "--limit", "4",
+                 "--eval-windows", "0", "--quiet"]) == 0
+    result = json.loads((compressed / "eval.json").read_text())
+    assert set(result["tasks"]) == {"arc_easy", "winogrande"}
+    assert all(r["n"] == 4 and 0.0 <= r["acc"] <= 1.0 for r in result["tasks"].values())
+    assert "arc_easy: acc" in capsys.readouterr().out

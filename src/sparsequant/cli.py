@@ -131,21 +131,28 @@ def cmd_eval(args) -> int:
     model, tokenizer = load_model(args.model, dtype=torch.float32 if device == "cpu" else torch.float16,
                                   device=device, quiet=args.quiet)
     results = {"model": args.model or "default", "device": device}
-    if args.ppl or not args.tasks:
+    if (args.ppl or not args.tasks) and args.eval_windows:
         ppl = _eval_ppl(model, tokenizer, args, "perplexity")
         results["ppl"] = {"value": ppl, "data": args.eval_data, "seq_len": args.eval_seq_len,
                           "windows": args.eval_windows}
         print(f"perplexity: {ppl:.4f}  ({args.eval_windows} x {args.eval_seq_len} tokens of {args.eval_data})")
     if args.tasks:
-        from .eval.zeroshot import evaluate_tasks
+        from .eval.zeroshot import evaluate
 
-        task_results = evaluate_tasks(model, tokenizer, [t for t in args.tasks.split(",") if t],
-                                      limit=args.limit, progress=not args.quiet)
+        task_results = evaluate(model, tokenizer, args.tasks, split=args.split, limit=args.limit,
+                                progress=not args.quiet)
         results["tasks"] = task_results
+        results["tasks_setting"] = {"split": args.split or "default (validation where present)", "limit": args.limit}
         for name, r in task_results.items():
-            print(f"{name}: acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}, acc_norm {r['acc_norm']:.4f} (n={r['n']})")
+            norm = "" if r.get("acc_norm") is None else f", acc_norm {r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}"
+            print(f"{name}: acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}{norm} (n={r['n']})")
     if args.model and is_checkpoint(args.model):
-        atomic_write_text(Path(args.model) / "eval.json", json.dumps(results, indent=2))
+        target = Path(args.model) / "eval.json"
+        merged = json.loads(target.read_text()) if target.is_file() else {}
+        merged.update(results)  # earlier perplexity or task results stay unless re-measured
+        if "tasks" in results and "tasks" in merged:
+            merged["tasks"] = {**json.loads(target.read_text()).get("tasks", {}), **results["tasks"]}
+        atomic_write_text(target, json.dumps(merged, indent=2))
         print(f"results saved to {Path(args.model) / 'eval.json'}")
     return 0
 
@@ -226,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl", action="store_true", help="perplexity on held-out text (default when no --tasks)")
     p.add_argument("--tasks", help="comma-separated zero-shot tasks, e.g. arc_easy,arc_challenge,piqa,winogrande")
     p.add_argument("--limit", type=int, help="score only the first N items of each task")
+    p.add_argument("--split", help="task split (validation by default, test where the task files have it)")
     _add_eval_args(p)
     p.set_defaults(func=cmd_eval)
 

@@ -1,0 +1,63 @@
+"""Reproduce, on the default model, the shape of the LLaMA-2-7B results table in ANCHORS.md.
+
+Rows: dense; int4 (GPTQ g128); 2-bit (GPTQ g64, about 8x smaller linears); 50% unstructured +
+4-bit (SparseGPT joint); 2:4 + 4-bit (SparseGPT joint). Each row is compressed with the CLI into
+``<out>/<row>``, evaluated on perplexity and the four zero-shot tasks, and the report (Markdown,
+CSV, Pareto plot) is written to ``<out>/report``. Rows already present are skipped, so the script
+can be resumed. On 2 CPU cores a row takes roughly 10-40 minutes depending on --limit.
+
+    python experiments/paper_table.py --out runs/paper --limit 500
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sparsequant.cli import main as cli
+
+TASKS = "arc_challenge,arc_easy,piqa,winogrande"
+ROWS = {
+    "w4-gptq-g128": ["--recipe", "w4a16-gptq"],
+    "w2-gptq-g64": ["--recipe", "w4a16-gptq", "--bits", "2", "--group-size", "64"],
+    "50pct-w4-sparsegpt": ["--recipe", "50%-w4a16-sparsegpt"],
+    "24-w4-sparsegpt": ["--recipe", "2:4-w4a16-sparsegpt"],
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/paper")
+    ap.add_argument("--limit", type=int, default=None, help="items per task (default: whole validation split)")
+    ap.add_argument("--rows", default=",".join(ROWS), help="subset of rows to run")
+    args = ap.parse_args()
+    out = Path(args.out)
+    limit = [] if args.limit is None else ["--limit", str(args.limit)]
+    dense = out / "dense"
+    if not (dense / "eval.json").is_file():
+        # the uncompressed model: evaluated as is, results saved as a pseudo run folder
+        import json
+
+        from sparsequant.cli import DEFAULT_EVAL_SEQ_LEN, DEFAULT_EVAL_WINDOWS
+        from sparsequant.data.windows import evaluation_windows
+        from sparsequant.eval.perplexity import perplexity
+        from sparsequant.eval.zeroshot import evaluate
+        from sparsequant.models.loading import load_model
+
+        model, tok = load_model(quiet=True)
+        dense.mkdir(parents=True, exist_ok=True)
+        ppl = perplexity(model, evaluation_windows(tok, DEFAULT_EVAL_SEQ_LEN, DEFAULT_EVAL_WINDOWS))
+        results = {"ppl": {"value": ppl, "data": "wikipedia", "seq_len": DEFAULT_EVAL_SEQ_LEN,
+                           "windows": DEFAULT_EVAL_WINDOWS},
+                   "tasks": evaluate(model, tok, TASKS, limit=args.limit)}
+        (dense / "eval.json").write_text(json.dumps(results, indent=2))
+    for name in args.rows.split(","):
+        folder = out / name
+        if not (folder / "sparsequant.json").is_file():
+            cli(["compress", *ROWS[name], "--out", str(folder)])
+        if not (folder / "eval.json").is_file():
+            cli(["eval", str(folder), "--ppl", "--tasks", TASKS, *limit])
+    cli(["report", *[str(out / n) for n in ["dense", *args.rows.split(",")]], "--out", str(out / "report")])
+
+
+if __name__ == "__main__":
+    main()
