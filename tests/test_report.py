@@ -191,3 +191,22 @@ def test_report_command(runs, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| Quantization" in out and "pareto.png" in out
     assert {p.name for p in (tmp_path / "rep").iterdir()} == {"results.md", "results.csv", "pareto.png"}
+
+
+def test_repeated_dense_rows_kept_once(tmp_path):
+    import json
+
+    from sparsequant.eval.report import collect
+
+    files = []
+    for i, extra in enumerate([{"method": "wanda", "pattern": "2:4", "quant": "none", "ppl": 50.0},
+                               {"method": "sparsegpt", "pattern": "2:4", "quant": "int4", "joint": True, "ppl": 40.0}]):
+        f = tmp_path / f"m{i}.json"
+        dense = {"method": "dense", "pattern": "dense", "quant": "none", "ppl": 20.0, "bits_per_weight": 16.0,
+                 "linear_ratio": 1.0, "model_ratio": 1.0}
+        extra.update(bits_per_weight=9.0, linear_ratio=0.56, model_ratio=0.65)
+        f.write_text(json.dumps({"evaluation": "same", "rows": [dense, extra]}))
+        files.append(f)
+    rows, _ = collect(files)
+    assert sum(r.is_dense for r in rows) == 1 and len(rows) == 3
+    assert rows[2].quantization.startswith("joint")

@@ -246,6 +246,19 @@ def _label(row: ReportRow) -> str:
     return " + ".join(parts) or row.run
 
 
+def _drop_repeated_dense(rows: list[ReportRow]) -> list[ReportRow]:
+    """Several result files often each carry the same dense reference: keep it once."""
+    seen, out = set(), []
+    for r in rows:
+        key = (r.ppl, r.ppl_setting, r.model, tuple(sorted(r.accuracy.items()))) if r.is_dense else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
+        out.append(r)
+    return out
+
+
 def collect(paths, metric: str = "acc", dense_reference: bool = True) -> tuple[list[ReportRow], list[str]]:
     """All rows of the given folders / files, dense reference first, and notes for the reader.
 
@@ -292,6 +305,7 @@ def collect(paths, metric: str = "acc", dense_reference: bool = True) -> tuple[l
         else:
             notes.append("dense perplexities in the run logs differ (models or evaluation settings), "
                          "so no dense row was added")
+    rows = _drop_repeated_dense(rows)
     rows.sort(key=lambda r: not r.is_dense)  # stable: dense first, the rest in the given order
     settings = {r.ppl_setting for r in rows if r.ppl is not None}
     if len(settings) > 1:
