@@ -29,9 +29,15 @@ def main():
     ap.add_argument("--out", default="runs/paper")
     ap.add_argument("--limit", type=int, default=None, help="items per task (default: whole validation split)")
     ap.add_argument("--rows", default=",".join(ROWS), help="subset of rows to run")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     args = ap.parse_args()
     out = Path(args.out)
     limit = [] if args.limit is None else ["--limit", str(args.limit)]
+    threads = [] if args.threads is None else ["--threads", str(args.threads)]
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     dense = out / "dense"
     if not (dense / "eval.json").is_file():
         # the uncompressed model: evaluated as is, results saved as a pseudo run folder
@@ -53,9 +59,9 @@ def main():
     for name in args.rows.split(","):
         folder = out / name
         if not (folder / "sparsequant.json").is_file():
-            cli(["compress", *ROWS[name], "--out", str(folder)])
+            cli(["compress", *ROWS[name], *threads, "--out", str(folder)])
         if not (folder / "eval.json").is_file():
-            cli(["eval", str(folder), "--ppl", "--tasks", TASKS, *limit])
+            cli(["eval", str(folder), "--ppl", "--tasks", TASKS, *limit, *threads])
     cli(["report", *[str(out / n) for n in ["dense", *args.rows.split(",")]], "--out", str(out / "report")])
 
 

@@ -159,7 +159,7 @@ def compress_model(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor, *,
                 info: dict = {}
                 w_old = lin.weight.detach().clone()
                 cw = compress_weight(lin.weight.detach(), stats[name], plans[name], storage_dtype, info=info)
-                lin.weight.data.copy_(cw.weight.to(lin.weight.dtype))
+                lin.weight.data.copy_(cw.effective_weight().to(lin.weight.dtype))
                 pw = PackedWeight.from_compressed(cw, storage_dtype)
                 packed[full] = PackedWeight(pw.shape, pw.storage, pw.sparsity, pw.quant,
                                             {k: v.cpu() for k, v in pw.tensors.items()})

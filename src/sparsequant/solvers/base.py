@@ -62,6 +62,22 @@ class CompressedWeight:
     quant: QuantSpec | None = None
     codes: torch.Tensor | None = None
     qparams: QuantParams | None = None
+    # Recovery terms stored beside the sparse/quantized part (see effective_weight).
+    adapter: object | None = None  # low-rank adapter (solvers/lowrank.py): adds up @ down
+    outliers: object | None = None  # structured outliers (patterns/outliers.py): adds their values
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float32 matrix the model computes with: ``weight`` plus the recovery terms.
+
+        This is the single definition: the engine writes it into the model and the reference
+        path of SparseQuantLinear rebuilds it from the checkpoint, so both agree bit for bit.
+        """
+        w = self.weight.float()
+        if self.outliers is not None:
+            w = w + self.outliers.dense(w.shape)
+        if self.adapter is not None:
+            w = w + self.adapter.dense()
+        return w
 
     @property
     def shape(self) -> tuple[int, int]:
