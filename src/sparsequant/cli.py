@@ -43,9 +43,31 @@ def _recipe_from_args(args):
         changes["true_sequential"] = True
     if args.skip:
         changes["skip"] = tuple(recipe.skip) + tuple(args.skip)
+    if args.adapter_rank is not None or args.adapter_bits is not None:
+        changes["adapter"] = _adapter_from_args(recipe.adapter, args)
     if changes.get("method") or changes.get("pattern") or "quant" in changes:
         changes.setdefault("name", "custom")
     return recipe.with_(**changes)
+
+
+def _adapter_from_args(current, args):
+    """--adapter-rank (a ratio like 0.1, or an integer rank like 64; 0 removes adapters) and
+    --adapter-bits (0 = float factors) on top of the recipe's adapter section."""
+    from .errors import RecipeError
+    from .recipe import AdapterConfig
+
+    a = current or AdapterConfig()
+    rank = a.rank
+    if args.adapter_rank is not None:
+        text = args.adapter_rank.strip()
+        try:
+            rank = int(text) if text.isdigit() else float(text)
+        except ValueError:
+            raise RecipeError(f"--adapter-rank takes a ratio (0.1) or an integer rank (64), got {text!r}") from None
+        if rank == 0:
+            return None
+    bits = a.bits if args.adapter_bits is None else (args.adapter_bits or None)
+    return AdapterConfig(rank=rank, bits=bits, group_size=a.group_size, iterations=a.iterations, saliency=a.saliency)
 
 
 def _eval_ppl(model, tokenizer, args, desc):
@@ -109,7 +131,7 @@ def cmd_compress(args) -> int:
     print(markdown_table(
         ["method", "pattern", "quant", "bits", "bits/weight", "size MB", "ratio vs fp16", "dense ppl",
          "compressed ppl", "wall s"],
-        [[d["method"], d["pattern"], d["quant"], bits, size.bits_per_weight, size.total_bytes / 1e6,
+        [[d["method"], d["pattern"], d["quant"] + ("" if recipe.adapter is None else f" + {d['adapter']}"), bits, size.bits_per_weight, size.total_bytes / 1e6,
           size.model_ratio, dense_ppl, comp_ppl, log["seconds"]["total"]]],
     ))
     print(f"\ncompressed linears: {size.bits_per_weight:.3f} bits/weight, {size.linear_ratio:.3f}x their fp16 size; "
@@ -167,7 +189,7 @@ def cmd_recipes(args) -> int:
         print(get_recipe(args.show).to_yaml())
         return 0
     rows = [[name, *r.describe().values()] for name, r in PRESETS.items()]
-    print(markdown_table(["preset", "method", "pattern", "quant"], rows))
+    print(markdown_table(["preset", "method", "pattern", "quant", "adapter"], rows))
     print("\nShow one as YAML (a starting point for your own recipe): sparsequant recipes --show 2:4-w4a16")
     return 0
 
@@ -225,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--true-sequential", action="store_true",
                    help="compress q/k/v, o, gate/up, down in order, each on the outputs of the ones before")
     p.add_argument("--skip", action="append", help="glob of linear names to leave untouched (repeatable)")
+    p.add_argument("--adapter-rank", help="SLiM low-rank adapters: a ratio of min(out, in) such as 0.1, "
+                   "or an integer rank; 0 removes the recipe's adapters")
+    p.add_argument("--adapter-bits", type=int, help="quantize the adapters to this many bits (0 = float16)")
     _add_eval_args(p)
     p.set_defaults(func=cmd_compress)
 

@@ -11,6 +11,7 @@ from .errors import RecipeError
 from .patterns import SparsitySpec
 from .quant import QuantSpec
 from .solvers import LinearPlan
+from .solvers.lowrank import AdapterSpec
 from .solvers.registry import JOINT, PRUNERS, QUANTIZERS
 
 
@@ -23,6 +24,27 @@ class QuantConfig:
 
     def spec(self) -> QuantSpec:
         return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """SLiM low-rank adapter after compression (see solvers/lowrank.py).
+
+    rank: a float in (0, 1] is a fraction of min(out, in); an int is an absolute rank.
+    bits: None keeps the factors in the checkpoint's float dtype; 4 quantizes them (symmetric,
+    groups of group_size along each factor's reduction dimension). iterations: 1 as in SLiM; more
+    alternates compressing W - adapter and refitting. saliency: rms (SLiM) or hessian.
+    """
+
+    rank: float | int = 0.1
+    bits: int | None = None
+    group_size: int | None = 128
+    iterations: int = 1
+    saliency: str = "rms"
+
+    def spec(self) -> AdapterSpec:
+        return AdapterSpec(rank=self.rank, bits=self.bits, group_size=self.group_size,
+                           iterations=self.iterations, saliency=self.saliency)
 
 
 @dataclass(frozen=True)
@@ -54,6 +76,7 @@ class Recipe:
     smoothing: float | None = None  # SmoothQuant alpha; None = no equalization
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     options: dict = field(default_factory=dict)
+    adapter: AdapterConfig | None = None  # low-rank adapters fitted on each linear's compression error
 
     def __post_init__(self):
         sparsity = SparsitySpec.parse(self.pattern)  # raises on a bad pattern
@@ -71,6 +94,10 @@ class Recipe:
             raise RecipeError(f"smoothing alpha must be in [0, 1], got {self.smoothing}")
         if self.calibration.samples < 1 or self.calibration.seq_len < 2:
             raise RecipeError("calibration needs at least one sample of at least two tokens")
+        if self.adapter is not None:
+            if not isinstance(self.adapter, AdapterConfig):
+                raise RecipeError(f"adapter must be an AdapterConfig (a mapping in YAML), got {self.adapter!r}")
+            self.adapter.spec()  # raises on a bad rank, bits, iterations or saliency
 
     @property
     def sparsity(self) -> SparsitySpec:
@@ -85,6 +112,7 @@ class Recipe:
             quant=quant,
             joint=self.joint and self.method in JOINT,
             options=tuple(sorted(self.options.items())),
+            adapter=None if self.adapter is None else self.adapter.spec(),
         )
 
     def plan_for(self, linear_name: str) -> LinearPlan | None:
@@ -100,6 +128,7 @@ class Recipe:
             "method": self.method if not self.sparsity.is_dense else "-",
             "pattern": str(self.sparsity),
             "quant": "-" if q is None else f"{q.method} int{q.bits} " + (f"g{q.group_size}" if q.group_size else "per-channel") + (" sym" if q.symmetric else " asym"),
+            "adapter": "-" if self.adapter is None else str(self.adapter.spec()),
         }
 
     def to_dict(self) -> dict:
@@ -119,6 +148,10 @@ class Recipe:
                 d["quant"] = QuantConfig(**d["quant"])
             if "calibration" in d:
                 d["calibration"] = CalibrationConfig(**d["calibration"])
+            if d.get("adapter") is not None:
+                if not isinstance(d["adapter"], dict):
+                    raise RecipeError(f"recipe section adapter must be a mapping (rank, bits, ...), got {d['adapter']!r}")
+                d["adapter"] = AdapterConfig(**d["adapter"])
         except TypeError as exc:
             raise RecipeError(f"bad recipe section: {exc}") from None
         if "skip" in d:
@@ -150,6 +183,11 @@ PRESETS: dict[str, Recipe] = {
                                   joint=True),
     "50%-w4a16-sparsegpt": Recipe(name="50%-w4a16-sparsegpt", method="sparsegpt", pattern="50%", quant=_int4(),
                                   joint=True),
+    # SLiM-style: joint SparseGPT 2:4 + int4, then low-rank adapters of rank 0.1 * min(out, in).
+    "2:4-w4a16-sparsegpt-slim": Recipe(name="2:4-w4a16-sparsegpt-slim", method="sparsegpt", pattern="2:4",
+                                       quant=_int4(), joint=True, adapter=AdapterConfig(rank=0.1)),
+    "2:4-w4a16-sparsegpt-slim-q4": Recipe(name="2:4-w4a16-sparsegpt-slim-q4", method="sparsegpt", pattern="2:4",
+                                          quant=_int4(), joint=True, adapter=AdapterConfig(rank=0.1, bits=4)),
     "w4a16-gptq": Recipe(name="w4a16-gptq", method="magnitude", pattern="dense", quant=_int4("gptq")),
     "w4a16": Recipe(name="w4a16", method="magnitude", pattern="dense", quant=_int4()),
     "w8a16": Recipe(name="w8a16", method="magnitude", pattern="dense",

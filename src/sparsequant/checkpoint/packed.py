@@ -9,6 +9,9 @@ Storage kinds (``W[N, K]``; codes are the unsigned quantization codes of kept we
               bitstream) or ``values`` (flat).
 Quantized weights add ``scales`` [N, groups] float16 and, when asymmetric, ``zeros`` [N, groups]
 uint8. Unquantized values use the checkpoint's storage dtype (float16 or bfloat16).
+A low-rank adapter (solvers/lowrank.py) adds ``adapter_down`` [r, K] and ``adapter_up`` [N, r] in
+the storage dtype, or, quantized, their codes as flat bit streams plus ``adapter_down_scales`` /
+``adapter_up_scales`` (float16); the description's ``adapter`` entry gives rank, quant and dtype.
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ from ..patterns.bits import pack_bits, pack_mask, unpack_bits, unpack_mask
 from ..patterns.pack24 import pack_24, unpack_24
 from ..quant import QuantParams, QuantSpec
 from ..solvers.base import CompressedWeight
+from ..solvers.lowrank import LowRankAdapter
+
+ADAPTER_PREFIX = "adapter_"
 
 STORAGE_KINDS = ("dense", "nm24", "bitmap")
 
@@ -53,6 +59,7 @@ class PackedWeight:
     sparsity: SparsitySpec
     quant: QuantSpec | None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    adapter: dict | None = None  # LowRankAdapter.describe() when an adapter is stored
 
     # -- building ---------------------------------------------------------------------------
     @classmethod
@@ -83,7 +90,23 @@ class PackedWeight:
             t["scales"] = cw.qparams.scale.to(torch.float16)
             if not q.symmetric:
                 t["zeros"] = cw.qparams.zero.to(torch.uint8)
-        return cls(shape=(n, k), storage=kind, sparsity=cw.sparsity, quant=q, tensors=t)
+        adapter = None
+        if cw.adapter is not None:
+            t.update({ADAPTER_PREFIX + name: v for name, v in cw.adapter.tensors().items()})
+            adapter = cw.adapter.describe()
+        return cls(shape=(n, k), storage=kind, sparsity=cw.sparsity, quant=q, tensors=t, adapter=adapter)
+
+    def without_adapter(self) -> "PackedWeight":
+        """The sparse/quantized part alone (what the GPU kernels compute)."""
+        return PackedWeight(self.shape, self.storage, self.sparsity, self.quant,
+                            {k: v for k, v in self.tensors.items() if not k.startswith(ADAPTER_PREFIX)})
+
+    def lowrank(self) -> LowRankAdapter | None:
+        """The stored adapter, or None."""
+        if self.adapter is None:
+            return None
+        own = {k[len(ADAPTER_PREFIX):]: v for k, v in self.tensors.items() if k.startswith(ADAPTER_PREFIX)}
+        return LowRankAdapter.from_tensors(self.adapter, own, self.shape)
 
     # -- reading ----------------------------------------------------------------------------
     def _need(self, name: str) -> torch.Tensor:
@@ -115,7 +138,12 @@ class PackedWeight:
         return unpack_mask(self._need("bitmap"), (n, k))
 
     def to_compressed(self) -> CompressedWeight:
-        """Rebuild the CompressedWeight; its ``weight`` equals the one that was packed, bit for bit."""
+        """Rebuild the CompressedWeight; its ``weight`` (and adapter) equal the packed ones, bit for bit."""
+        cw = self._base_compressed()
+        cw.adapter = self.lowrank()
+        return cw
+
+    def _base_compressed(self) -> CompressedWeight:
         n, k = self.shape
         q = self.quant
         try:
@@ -169,6 +197,7 @@ class PackedWeight:
             "storage": self.storage,
             "sparsity": self.sparsity.to_dict(),
             "quant": None if self.quant is None else self.quant.to_dict(),
+            **({} if self.adapter is None else {"adapter": self.adapter}),
         }
 
     @classmethod
@@ -182,4 +211,7 @@ class PackedWeight:
             raise CheckpointError(f"layer description is malformed: {exc}") from exc
         if storage not in STORAGE_KINDS:
             raise CheckpointError(f"unknown storage kind {storage!r}")
-        return cls(shape=shape, storage=storage, sparsity=sparsity, quant=quant, tensors=tensors)
+        adapter = d.get("adapter")
+        if adapter is not None and not isinstance(adapter, dict):
+            raise CheckpointError(f"layer description's adapter entry is malformed: {adapter!r}")
+        return cls(shape=shape, storage=storage, sparsity=sparsity, quant=quant, tensors=tensors, adapter=adapter)

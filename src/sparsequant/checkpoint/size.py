@@ -3,15 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .packed import PackedWeight
+from .packed import ADAPTER_PREFIX, PackedWeight
 
 
 @dataclass
 class SizeReport:
     compressed_params: int  # weights of the compressed linears
-    compressed_bytes: int  # everything stored for them: values, metadata, scales, zero points
+    compressed_bytes: int  # everything stored for them: values, metadata, scales, zero points, adapters
     other_params: int  # embeddings, norms, skipped linears, lm_head (unless tied)
     other_bytes: int
+    adapter_bytes: int = 0  # low-rank adapters, part of compressed_bytes
 
     @property
     def bits_per_weight(self) -> float:
@@ -38,6 +39,7 @@ class SizeReport:
             "compressed_bytes": self.compressed_bytes,
             "other_params": self.other_params,
             "other_bytes": self.other_bytes,
+            "adapter_bytes": self.adapter_bytes,
             "bits_per_weight": self.bits_per_weight,
             "linear_ratio_vs_fp16": self.linear_ratio,
             "total_bytes": self.total_bytes,
@@ -50,4 +52,6 @@ def size_report(packed: dict[str, PackedWeight], other_tensors: dict) -> SizeRep
     cb = sum(p.nbytes() for p in packed.values())
     op = sum(t.numel() for t in other_tensors.values())
     ob = sum(t.numel() * t.element_size() for t in other_tensors.values())
-    return SizeReport(cp, cb, op, ob)
+    ab = sum(t.numel() * t.element_size() for p in packed.values() for name, t in p.tensors.items()
+             if name.startswith(ADAPTER_PREFIX))
+    return SizeReport(cp, cb, op, ob, ab)

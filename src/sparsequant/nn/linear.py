@@ -3,7 +3,9 @@
 It computes with a GPU kernel when one supports the weight's format on the input's device
 (``sparsequant.kernels.prepare`` decides), and otherwise with the reference path: dequantize
 the packed weight once into a dense matrix and call ``F.linear``. The reference path gives
-exactly the same weight values the compressor computed with.
+exactly the same weight values the compressor computed with: the compressed weight plus its
+recovery terms (``CompressedWeight.effective_weight``). The kernels compute the sparse/quantized
+part only; a low-rank adapter is then added as ``(x @ down^T) @ up^T``.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ class SparseQuantLinear(nn.Module):
         self.storage = packed.storage
         self.sparsity = packed.sparsity
         self.quant = packed.quant
+        self.adapter = packed.adapter
         self.compute_dtype = compute_dtype
         self._names = sorted(packed.tensors)
         for name, t in packed.tensors.items():
@@ -30,6 +33,7 @@ class SparseQuantLinear(nn.Module):
         self._dense_cache: torch.Tensor | None = None
         self._kernel_state = None
         self._kernel_key = None
+        self._adapter_factors = None
 
     @property
     def packed(self) -> PackedWeight:
@@ -39,12 +43,13 @@ class SparseQuantLinear(nn.Module):
             sparsity=self.sparsity,
             quant=self.quant,
             tensors={n: getattr(self, f"packed_{n}") for n in self._names},
+            adapter=self.adapter,
         )
 
     def dense_weight(self) -> torch.Tensor:
-        """The dequantized weight (cached; this is the reference path's only cost)."""
+        """The dequantized weight with its recovery terms (cached; the reference path's only cost)."""
         if self._dense_cache is None or self._dense_cache.device != self.packed_tensor_device():
-            self._dense_cache = self.packed.to_compressed().weight.to(self.compute_dtype)
+            self._dense_cache = self.packed.to_compressed().effective_weight().to(self.compute_dtype)
         return self._dense_cache
 
     def packed_tensor_device(self) -> torch.device:
@@ -57,9 +62,19 @@ class SparseQuantLinear(nn.Module):
         if self._kernel_key != key:
             from .. import kernels
 
-            self._kernel_state = kernels.prepare(self.packed, x.device, x.dtype)
+            self._kernel_state = kernels.prepare(self.packed.without_adapter(), x.device, x.dtype)
             self._kernel_key = key
         return self._kernel_state
+
+    def _adapter_term(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``up (down x)`` in the activations' dtype, or None without an adapter."""
+        if self.adapter is None:
+            return None
+        if self._adapter_factors is None or self._adapter_factors[0].dtype != x.dtype:
+            a = self.packed.lowrank()
+            self._adapter_factors = (a.down.to(x.dtype), a.up.to(x.dtype))
+        down, up = self._adapter_factors
+        return F.linear(F.linear(x, down), up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self._kernel(x)
@@ -67,6 +82,9 @@ class SparseQuantLinear(nn.Module):
             from .. import kernels
 
             y = kernels.linear(x, state)
+            extra = self._adapter_term(x)
+            if extra is not None:
+                y = y + extra
             return y if self.bias is None else y + self.bias.to(y.dtype)
         w = self.dense_weight()
         b = None if self.bias is None else self.bias.to(x.dtype)
@@ -77,8 +95,10 @@ class SparseQuantLinear(nn.Module):
         self._dense_cache = None
         self._kernel_state = None
         self._kernel_key = None
+        self._adapter_factors = None
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         q = "float" if self.quant is None else str(self.quant)
-        return f"in={self.in_features}, out={self.out_features}, sparsity={self.sparsity}, quant={q}, storage={self.storage}"
+        a = "" if self.adapter is None else f", adapter rank {self.adapter.get('rank')}"
+        return f"in={self.in_features}, out={self.out_features}, sparsity={self.sparsity}, quant={q}, storage={self.storage}{a}"

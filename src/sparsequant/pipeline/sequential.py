@@ -10,6 +10,7 @@ already compressed. Memory holds one layer, its statistics and the calibration h
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -161,8 +162,7 @@ def compress_model(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor, *,
                 cw = compress_weight(lin.weight.detach(), stats[name], plans[name], storage_dtype, info=info)
                 lin.weight.data.copy_(cw.effective_weight().to(lin.weight.dtype))
                 pw = PackedWeight.from_compressed(cw, storage_dtype)
-                packed[full] = PackedWeight(pw.shape, pw.storage, pw.sparsity, pw.quant,
-                                            {k: v.cpu() for k, v in pw.tensors.items()})
+                packed[full] = dataclasses.replace(pw, tensors={k: v.cpu() for k, v in pw.tensors.items()})
                 seconds = time.perf_counter() - t0
                 err = _rel_error(w_old, lin.weight.detach(), sampler.sample(name).to(device))
                 linear_reports.append(LinearReport(full, cw.shape, err, seconds, pw.bits_per_weight(),

@@ -98,6 +98,8 @@ class CompressedWeight:
                 rebuilt = rebuilt * self.mask
             if not torch.equal(rebuilt, self.weight.float()):
                 raise ValueError("weight differs from its dequantized codes")
+        if self.adapter is not None:
+            self.adapter.validate(self.shape)
         return self
 
     @classmethod

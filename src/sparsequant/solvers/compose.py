@@ -23,6 +23,7 @@ class LinearPlan:
     quant: QuantSpec | None = None
     joint: bool = True
     options: tuple = ()  # (name, value) pairs passed to the solvers that accept them
+    adapter: object | None = None  # lowrank.AdapterSpec: a low-rank adapter fitted after compression
 
     @property
     def uses_joint(self) -> bool:
@@ -30,6 +31,8 @@ class LinearPlan:
 
     @property
     def needs_hessian(self) -> bool:
+        if self.adapter is not None and self.adapter.needs_hessian:
+            return True
         if self.uses_joint:
             return JOINT[self.prune].needs_hessian
         need = False
@@ -41,7 +44,7 @@ class LinearPlan:
 
     @property
     def needs_stats(self) -> bool:
-        if self.uses_joint:
+        if self.uses_joint or self.adapter is not None:
             return True
         need = False
         if not self.sparsity.is_dense:
@@ -63,13 +66,27 @@ def compress_weight(
     ``plan.options`` go to the solvers that declare them (a name none of the plan's solvers takes
     is a RecipeError). ``info``, when given, receives the diagnostics of the solvers that report
     any, one dict per stage: ``info["joint"]``, or ``info["prune"]`` and ``info["quant"]``
-    (for example ``info["joint"]["damp"]``, ``info["quant"]["loss"]``).
+    (for example ``info["joint"]["damp"]``, ``info["quant"]["loss"]``). With ``plan.adapter`` the
+    compression is followed by a low-rank adapter (``solvers/lowrank.py``), diagnostics in
+    ``info["adapter"]``.
     """
     check_finite(weight)
     if stats is not None and not torch.isfinite(stats.sq_sum).all():
         from ..errors import NonFiniteWeightError
 
         raise NonFiniteWeightError("calibration activations contain NaN or Inf")
+    if plan.adapter is not None:
+        from .lowrank import sparse_plus_lowrank
+
+        return sparse_plus_lowrank(
+            weight, stats, plan.adapter, lambda w: _compress(w, stats, plan, storage_dtype, info), storage_dtype,
+            info=None if info is None else info.setdefault("adapter", {}),
+        ).validate()
+    return _compress(weight, stats, plan, storage_dtype, info)
+
+
+def _compress(weight, stats, plan: LinearPlan, storage_dtype, info) -> CompressedWeight:
+    """Prune and quantize (or both jointly) as the plan says, without recovery terms."""
     opts = dict(plan.options)
     if plan.uses_joint:
         entry = JOINT[plan.prune]
