@@ -32,9 +32,14 @@ def save(result: CompressionResult, out, tokenizer=None, overwrite: bool = False
     return save_checkpoint(result, out, tokenizer=tokenizer, extra=extra, overwrite=overwrite)
 
 
-def load(path, device="cpu"):
-    """Load a compressed checkpoint: ``(model, tokenizer)``; linears are SparseQuantLinear modules."""
+def load(path, device="cpu", dtype: torch.dtype | None = None):
+    """Load a compressed checkpoint: ``(model, tokenizer)``; linears are SparseQuantLinear modules.
+
+    On ``"cuda"`` the compressed linears hold only their packed weights in the GPU kernels' layout
+    (dense weights are never built there) and compute in float16 (or ``dtype``); on the CPU they
+    run the exact reference path in the dtype recorded at compression time.
+    """
     from .checkpoint.io import load_checkpoint
 
-    model, tokenizer, _ = load_checkpoint(path, device=device)
+    model, tokenizer, _ = load_checkpoint(path, device=device, dtype=dtype)
     return model, tokenizer

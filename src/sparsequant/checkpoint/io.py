@@ -124,18 +124,24 @@ def _read_tensors(path: Path, expected_sha: str | None, verify: bool) -> dict[st
         raise CheckpointError(f"{file} cannot be read ({exc}); the file is corrupt or truncated") from None
 
 
-def load_checkpoint(path, device="cpu", verify: bool = True):
+def load_checkpoint(path, device="cpu", verify: bool = True, dtype: torch.dtype | None = None):
     """Rebuild ``(model, tokenizer, meta)`` from a checkpoint folder.
 
     Compressed linears become SparseQuantLinear modules holding the packed tensors; everything
-    else is loaded into a model built from the stored config.
+    else is loaded into a model skeleton built from the stored config without allocating its
+    weights (parameters start on the meta device), so no dense copy of a compressed weight is ever
+    made. ``dtype`` is the compute dtype: by default the one recorded at compression time on the
+    CPU, and the storage dtype (float16/bfloat16, what the kernels take) on a GPU. On a GPU each
+    compressed linear gets its kernel state built once, and only the kernel's copy of its packed
+    bits lives there (``nn.convert.place_on_device``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from ..models.families import family_of
-    from ..nn.convert import replace_linears
+    from ..nn.convert import place_on_device, replace_linears
 
     path = Path(path)
+    device = torch.device(device)
     meta = read_meta(path)
     tensors = _read_tensors(path, meta.get("sha256"), verify)
     try:
@@ -143,13 +149,11 @@ def load_checkpoint(path, device="cpu", verify: bool = True):
     except Exception as exc:
         raise CheckpointError(f"{path}/config.json cannot be read: {exc}") from None
     family_of(config)
-    compute_dtype = _DTYPES[meta.get("compute_dtype", "float32")]
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers
-        from transformers.modeling_utils import no_init_weights
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+    if dtype is None:
+        key = "compute_dtype" if device.type == "cpu" else "storage_dtype"
+        dtype = _DTYPES[meta.get(key, "float16" if device.type != "cpu" else "float32")]
+    compute_dtype = dtype
+    model = _empty_model(AutoModelForCausalLM, config, compute_dtype)
     packed: dict[str, PackedWeight] = {}
     for name, desc in meta["layers"].items():
         prefix = f"{name}{_PACKED}"
@@ -157,9 +161,11 @@ def load_checkpoint(path, device="cpu", verify: bool = True):
         if not own:
             raise CheckpointError(f"packed tensors of {name} are missing from {TENSOR_FILE}")
         packed[name] = PackedWeight.from_description(desc, own)
-    replace_linears(model, packed, compute_dtype)
+    # Variance correction gives linears that had no bias one (LLaMA's); the stored bias says so.
+    replace_linears(model, packed, compute_dtype, with_bias={n for n in packed if f"{n}.bias" in tensors})
     state = {k: v.to(compute_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    # assign=True puts the loaded tensors themselves in place of the skeleton's meta parameters
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     expected_missing = set()
     if meta.get("tied_embeddings"):
         model.tie_weights()
@@ -172,8 +178,25 @@ def load_checkpoint(path, device="cpu", verify: bool = True):
             f"checkpoint does not fit its config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
-    model.eval().to(device)
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise CheckpointError(f"checkpoint leaves tensors without values: {empty[:5]}{'...' if len(empty) > 5 else ''}")
+    model.eval()
+    place_on_device(model, device, compute_dtype)
     tokenizer = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, meta
+
+
+def _empty_model(auto_cls, config, dtype):
+    """The model of ``config`` with its parameters on the meta device (no memory, no init) and
+    its non-persistent buffers (rotary frequencies) computed as usual on the CPU."""
+    from accelerate import init_empty_weights
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    with init_empty_weights(include_buffers=False), no_init_weights():
+        return auto_cls.from_config(config, dtype=dtype)

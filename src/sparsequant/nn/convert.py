@@ -1,4 +1,4 @@
-"""Swap a model's nn.Linear modules for SparseQuantLinear modules holding packed weights."""
+"""Swap a model's nn.Linear modules for SparseQuantLinear modules holding packed weights; place the result on a device."""
 from __future__ import annotations
 
 import torch
@@ -8,8 +8,13 @@ from ..checkpoint.packed import PackedWeight
 from .linear import SparseQuantLinear
 
 
-def replace_linears(model: nn.Module, packed: dict[str, PackedWeight], compute_dtype=torch.float32) -> nn.Module:
-    """Replace each linear named in ``packed`` (full module path) in place; return the model."""
+def replace_linears(model: nn.Module, packed: dict[str, PackedWeight], compute_dtype=torch.float32,
+                    with_bias: set[str] | frozenset = frozenset()) -> nn.Module:
+    """Replace each linear named in ``packed`` (full module path) in place; return the model.
+
+    Linears named in ``with_bias`` get a bias even when the original had none (variance
+    correction adds one); its values come from the checkpoint's state dict afterwards.
+    """
     modules = dict(model.named_modules())
     for name, pw in packed.items():
         old = modules.get(name)
@@ -23,7 +28,42 @@ def replace_linears(model: nn.Module, packed: dict[str, PackedWeight], compute_d
             raise CheckpointError(f"{name}: stored shape {pw.shape} differs from the model's "
                                   f"{(old.out_features, old.in_features)}")
         bias = None if old.bias is None else old.bias.detach()
+        if bias is None and name in with_bias:
+            bias = torch.zeros(old.out_features, dtype=compute_dtype)
         new = SparseQuantLinear(pw, bias=bias, compute_dtype=compute_dtype)
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, new)
     return model
+
+
+def place_on_device(model: nn.Module, device, dtype: torch.dtype) -> list[str]:
+    """Move a converted model to ``device`` without ever putting a dense compressed weight there.
+
+    Uncompressed tensors move as they are (tied ones stay tied). Each SparseQuantLinear builds its
+    kernel state for ``dtype`` activations on the device, which keeps only the kernel's copy of the
+    packed bits there. Linears whose format has no kernel on that device get their packed tensors
+    moved instead and run through the reference path (a dequantized weight, cached on the device);
+    their names are returned, and a warning says how many there are.
+    """
+    device = torch.device(device)
+    without_kernel: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, SparseQuantLinear):
+            if module.bias is not None:
+                module.bias.data = module.bias.data.to(device)
+            if device.type == "cpu" or not module.prepare_kernel(device, dtype):
+                for t in module._names:
+                    setattr(module, f"packed_{t}", getattr(module, f"packed_{t}").to(device))
+                module._dense_cache = None
+                if device.type != "cpu":
+                    without_kernel.append(name)
+        else:
+            # recurse=False: only this module's own tensors; in-place .data swaps keep tied weights tied
+            module._apply(lambda t: t.to(device), recurse=False)
+    if without_kernel:
+        import warnings
+
+        warnings.warn(f"{len(without_kernel)} compressed linears (e.g. {without_kernel[0]}) have no {device.type} "
+                      f"kernel for their format or for {dtype} activations; they run through the reference path, "
+                      f"which keeps their dequantized weight on {device}", stacklevel=2)
+    return without_kernel
