@@ -17,8 +17,12 @@ from ..checkpoint.packed import PackedWeight
 
 
 class SparseQuantLinear(nn.Module):
-    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, compute_dtype=torch.float32):
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, compute_dtype=torch.float32,
+                 act_quant: str | None = None):
         super().__init__()
+        # W8A8 (cuSPARSELt int8/fp8 with per-token activation quantization) is opt-in: it changes
+        # the activations' precision, so it is a property of the module, never chosen silently.
+        self.act_quant = act_quant
         self.in_features = packed.shape[1]
         self.out_features = packed.shape[0]
         self.storage = packed.storage
@@ -62,9 +66,32 @@ class SparseQuantLinear(nn.Module):
         if self._kernel_key != key:
             from .. import kernels
 
-            self._kernel_state = kernels.prepare(self.packed.without_adapter(), x.device, x.dtype)
+            self._kernel_state = kernels.prepare(self.packed.without_adapter(), x.device, x.dtype,
+                                                 act_quant=self.act_quant)
             self._kernel_key = key
         return self._kernel_state
+
+    def prepare_kernel(self, device, dtype: torch.dtype) -> bool:
+        """Build the kernel state for ``dtype`` activations on ``device`` now; False when no kernel applies.
+
+        The kernel holds its own copy of the packed bits (rearranged), so the checkpoint-layout
+        tensors it was built from move to the CPU: the GPU then holds the packed weight once. They
+        stay the module's buffers (state_dict, a later change of dtype rebuilds the kernel from them).
+        """
+        from .. import kernels
+
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        state = kernels.prepare(self.packed.without_adapter(), device, dtype, act_quant=self.act_quant)
+        if state is None:
+            return False
+        for name in self._names:
+            if not name.startswith("adapter_"):  # the adapter term runs on the activations' device
+                setattr(self, f"packed_{name}", getattr(self, f"packed_{name}").cpu())
+        self._dense_cache = None
+        self._kernel_state, self._kernel_key = state, (device, dtype)
+        return True
 
     def _adapter_term(self, x: torch.Tensor) -> torch.Tensor | None:
         """``up (down x)`` in the activations' dtype, or None without an adapter."""
@@ -88,7 +115,8 @@ class SparseQuantLinear(nn.Module):
             return y if self.bias is None else y + self.bias.to(y.dtype)
         w = self.dense_weight()
         b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w.to(x.dtype), b)
+        # (a copy per call only when the packed tensors live elsewhere than x: never on the fast paths)
+        return F.linear(x, w.to(device=x.device, dtype=x.dtype), b)
 
     def _apply(self, fn, recurse=True):
         # Moving buffers invalidates derived caches.
