@@ -13,7 +13,8 @@ What runs where (see docs/kernels.md):
   '## GPU kernels').
 - W8A8 (``act_quant='int8'|'fp8'``, opt-in because it changes the activations' precision):
   cuSPARSELt 2:4 int8/fp8 with a per-token activation quantization kernel.
-- Everything else (CPU, dense or bitmap storage, other bit widths or group sizes): None.
+- Everything else (CPU, dense, bitmap or hybrid storage, structured outliers, other bit widths or
+  group sizes): None.
 """
 from __future__ import annotations
 
@@ -96,6 +97,8 @@ def prepare(packed, device, dtype: torch.dtype, act_quant: str | None = None):
     if dtype not in (torch.float16, torch.bfloat16):
         return None
     if packed.storage != "nm24" or packed.quant is None or packed.quant.bits not in (4, 8):
+        return None
+    if packed.sparsity.outliers:  # no kernel adds structured outliers yet: the reference path does
         return None
     from .layout import kernel_group
 

@@ -56,6 +56,10 @@ def mask_from_scores(scores: torch.Tensor, spec: SparsitySpec) -> torch.Tensor |
         return None
     if spec.kind == "nm":
         return nm_mask(scores, spec.n, spec.m)
+    if spec.kind == "hybrid":
+        from .hybrid import hybrid_mask  # hybrid builds on nm_mask
+
+        return hybrid_mask(scores, spec)
     return unstructured_mask(scores, spec.sparsity, spec.per_row)
 
 
@@ -94,6 +98,10 @@ def validate_mask(mask: torch.Tensor | None, spec: SparsitySpec, shape: tuple[in
         raise PatternError(f"mask shape {tuple(mask.shape)} differs from weight shape {tuple(shape)}")
     if spec.kind == "nm":
         validate_nm(mask, spec.n, spec.m, exact=True)
+    elif spec.kind == "hybrid":
+        from .hybrid import validate_hybrid
+
+        validate_hybrid(mask, spec)
     else:
         rows, cols = shape
         if spec.per_row:

@@ -200,6 +200,7 @@ def obs_sweep(
     nm: tuple[int, int] | None = None,
     unstructured: tuple[float, bool] | None = None,
     grid: QuantGrid | None = None,
+    nm_rows: torch.Tensor | None = None,
 ) -> SweepResult:
     """Fix the columns of ``W`` (rows of ``wt[in, out]``, modified in place) one by one.
 
@@ -213,6 +214,8 @@ def obs_sweep(
     compensated (blocksize must be a multiple of m); or ``unstructured=(sparsity, per_row)``: at
     each block start drop the lowest scores of the block, per row or over the block, in counts that
     add up exactly to ``int(sparsity * in)`` per row (``int(sparsity * in * out)`` in total).
+    ``nm_rows`` (bool ``[in / m, out]``) restricts the N:M choice to the groups and rows it marks;
+    the others keep all ``m`` weights (hybrid tiles: only the rows of 2:4 tiles are pruned).
     """
     k, rows = wt.shape
     d = u.diagonal()
@@ -255,7 +258,11 @@ def obs_sweep(
                     n, m = nm
                     scores = w1[i : i + m].square() / d2[p : p + m]
                     drop = torch.topk(scores, m - n, dim=0, largest=False).indices
-                    keept[p : p + m].scatter_(0, drop, False)
+                    if nm_rows is None:
+                        keept[p : p + m].scatter_(0, drop, False)
+                    else:
+                        dropped = torch.zeros_like(keept[p : p + m]).scatter_(0, drop, True)
+                        keept[p : p + m] &= ~(dropped & nm_rows[p // m])
                 if grid is not None:
                     g = grid.group_of[p]
                     if p in refit:
