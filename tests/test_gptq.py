@@ -363,7 +363,7 @@ def test_every_registered_solver_rejects_unknown_options():
     with pytest.raises(RecipeError, match="rtn does not take option"):
         rtn_quantize(w, st_, QuantSpec(), None, act_order=True)
     assert QUANTIZERS["gptq"].fn is gptq_quantize and QUANTIZERS["gptq"].needs_hessian
-    assert QUANTIZERS["gptq"].options == {"blocksize", "percdamp", "act_order", "static_groups"}
+    assert QUANTIZERS["gptq"].options == {"blocksize", "percdamp", "act_order", "static_groups", "clip_search"}
 
 
 def test_compress_weight_routes_options_and_reports_info():

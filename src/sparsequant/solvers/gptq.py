@@ -26,6 +26,7 @@ import torch
 
 from ..errors import PatternError
 from ..quant import QuantParams, QuantSpec, fit_params
+from ..quant.clip_search import activation_weights, clip_mode, search_clip
 from ..quant.rtn import _MAX_SCALE, _MIN_SCALE
 from .base import LayerStats, check_finite, check_options
 from .hessian import (
@@ -38,7 +39,7 @@ from .hessian import (
     obs_sweep,
 )
 
-OPTIONS = ("blocksize", "percdamp", "act_order", "static_groups")
+OPTIONS = ("blocksize", "percdamp", "act_order", "static_groups", "clip_search")
 
 
 def gptq_quantize(
@@ -51,6 +52,7 @@ def gptq_quantize(
     percdamp: float = DEFAULT_PERCDAMP,
     act_order: bool = False,
     static_groups: bool = False,
+    clip_search: object = False,
     info: dict | None = None,
     **options,
 ) -> tuple[torch.Tensor, QuantParams]:
@@ -59,8 +61,12 @@ def gptq_quantize(
     ``mask`` (bool [out, in], True = kept) marks weights fixed at zero; their codes hold the zero
     point. ``act_order`` processes columns by decreasing Hessian diagonal. ``info``, when given,
     receives ``damp``, ``damp_abs``, ``dead``, ``damp_tries`` (see ``sparsegpt_prune``) and ``loss``.
+    ``clip_search`` (true/'mse', or 'act' weighted by the mean squared activations) shrinks each
+    group's range by the factor minimizing its squared error (``quant/clip_search.py``), searched
+    wherever the group is fitted: up front with ``static_groups``, else on the compensated values.
     """
     check_options("gptq", options, OPTIONS)
+    clip = clip_mode(clip_search)
     check_solver_options(blocksize, percdamp, act_order=act_order, static_groups=static_groups)
     if not isinstance(quant_spec, QuantSpec):
         raise TypeError(f"quant_spec must be a QuantSpec, got {type(quant_spec).__name__}")
@@ -92,8 +98,10 @@ def gptq_quantize(
     n_groups = quant_spec.n_groups(in_f)
     maxq = quant_spec.levels - 1
     group_of = [c // g for c in order]
+    act = activation_weights(stats).to(w.device) if clip == "act" else None
     if static_groups:
-        params = fit_params(w, quant_spec, mask)
+        ratio = 1.0 if clip is None else search_clip(w, quant_spec, mask, act)
+        params = fit_params(w, quant_spec, mask, clip_ratio=ratio)
         grid = QuantGrid(
             scale=params.scale.T.to(w.dtype).contiguous(),
             zero=params.zero.T.to(w.dtype).contiguous(),
@@ -109,6 +117,16 @@ def gptq_quantize(
             pos = [pos_of[c] for c in range(gi * g, min((gi + 1) * g, in_f))]
             group_pos.append(torch.tensor(pos, device=w.device))
             refit[min(pos)] = gi
+        fit = lambda cur, keep: fit_columns(cur, keep, quant_spec)  # noqa: E731
+        if clip is not None:
+            # The sweep fits each group once, just before its first column in processing order,
+            # so the groups arrive in this order; it tells the search which columns' weights apply.
+            arrival = iter([refit[p] for p in sorted(refit)])
+
+            def fit(cur, keep):
+                gi = next(arrival)
+                cw = None if act is None else act[gi * g: gi * g + cur.shape[0]]
+                return fit_columns_searched(cur, keep, quant_spec, cw)
         grid = QuantGrid(
             scale=torch.ones(n_groups, out_f, dtype=w.dtype, device=w.device),
             zero=torch.zeros(n_groups, out_f, dtype=w.dtype, device=w.device),
@@ -116,7 +134,7 @@ def gptq_quantize(
             group_of=group_of,
             refit=refit,
             group_pos=group_pos,
-            fit=lambda cur, keep: fit_columns(cur, keep, quant_spec),
+            fit=fit,
         )
 
     wt = w.T if perm is None else w.T[perm]
@@ -141,20 +159,37 @@ def gptq_quantize(
     return codes.T.contiguous(), params
 
 
+def fit_columns_searched(
+    cur: torch.Tensor, keep: torch.Tensor | None, spec: QuantSpec, col_weight: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fit_columns`` with the group's range shrunk by its searched clip factor, one per row."""
+
+    def fit(w, spec, mask, clip_ratio):  # fit_params's signature on [out, cols], via fit_columns
+        scale, zero = fit_columns(w.T, None if mask is None else mask.T, spec, clip_ratio[:, 0])
+        return QuantParams(scale.unsqueeze(1), zero.unsqueeze(1), spec, w.shape[1])
+
+    w = cur.float().T
+    ratio = search_clip(w, spec, None if keep is None else keep.T, col_weight, fit=fit)
+    return fit_columns(cur, keep, spec, ratio[:, 0])
+
+
 def fit_columns(
-    cur: torch.Tensor, keep: torch.Tensor | None, spec: QuantSpec
+    cur: torch.Tensor, keep: torch.Tensor | None, spec: QuantSpec, clip_ratio: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero ``[out]`` of one group from its columns ``cur[cols, out]``, kept ones only.
 
     The same arithmetic as ``quant.fit_params`` for a single group (tests prove they agree bit for
     bit), without its finiteness check: that check reads a value back to the host, which would
     stall the GPU once per group inside the sweep. The sweep's input was checked before it began.
+    ``clip_ratio`` ``[out]`` shrinks the range as ``fit_params``'s does.
     """
     w = cur.float()
     kept = torch.ones_like(w, dtype=torch.bool) if keep is None else keep
     any_kept = kept.any(0)
     if spec.symmetric:
         absmax = torch.where(kept, w.abs(), torch.zeros_like(w)).amax(0)
+        if clip_ratio is not None:
+            absmax = absmax * clip_ratio
         scale = absmax / (spec.sym_zero - 1)
         scale = torch.where(any_kept & (absmax > 0), scale, torch.ones_like(scale))
         scale = scale.clamp(_MIN_SCALE, _MAX_SCALE).half().float()
@@ -168,6 +203,8 @@ def fit_columns(
         flat = (wmax - wmin) <= 1e-12 * torch.maximum(wmax.abs(), wmin.abs()).clamp_min(1e-30)
         wmax = torch.where(flat, wmax.clamp_min(0), wmax)
         wmin = torch.where(flat, wmin.clamp_max(0), wmin)
+        if clip_ratio is not None:
+            wmax, wmin = wmax * clip_ratio, wmin * clip_ratio
         scale = (wmax - wmin) / (spec.levels - 1)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         scale = scale.clamp(_MIN_SCALE, _MAX_SCALE).half().float()

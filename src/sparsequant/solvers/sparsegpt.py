@@ -14,6 +14,7 @@ import torch
 from ..patterns import SparsitySpec
 from ..patterns.masks import check_nm_shape
 from ..quant import QuantParams, QuantSpec, fit_params
+from ..quant.clip_search import activation_weights, clip_mode, fit_params_searched
 from .base import LayerStats, check_finite, check_options
 from .hessian import (
     DEFAULT_PERCDAMP,
@@ -26,6 +27,7 @@ from .hessian import (
 )
 
 OPTIONS = ("blocksize", "percdamp")
+JOINT_OPTIONS = OPTIONS + ("clip_search",)
 
 
 def sparsegpt_prune(
@@ -62,6 +64,7 @@ def sparsegpt_joint(
     *,
     blocksize: int = 128,
     percdamp: float = DEFAULT_PERCDAMP,
+    clip_search: object = False,
     info: dict | None = None,
     **options,
 ) -> tuple[torch.Tensor, QuantParams, torch.Tensor | None]:
@@ -79,15 +82,18 @@ def sparsegpt_joint(
     push a kept weight past the dense range; it is then clipped to the grid and that error is
     compensated like any other. Fitting up front also keeps the parameters independent of the
     processing order, as in the SparseGPT reference (``quantizer.find_params`` on the dense W).
+    ``clip_search`` (true/'mse', or 'act' weighted by the mean squared activations) shrinks each
+    group's range there, on the dense weight, by the factor minimizing its squared error.
     """
-    check_options("sparsegpt", options, OPTIONS)
+    check_options("sparsegpt", options, JOINT_OPTIONS)
     if not isinstance(quant_spec, QuantSpec):
         raise TypeError(f"quant_spec must be a QuantSpec, got {type(quant_spec).__name__}")
-    result, params, codes = _run(weight, stats, sparsity, quant_spec, blocksize, percdamp, info)
+    clip = clip_mode(clip_search)
+    result, params, codes = _run(weight, stats, sparsity, quant_spec, blocksize, percdamp, info, clip)
     return codes, params, None if result.keep is None else result.keep.T.contiguous()
 
 
-def _run(weight, stats, sparsity, quant_spec, blocksize, percdamp, info):
+def _run(weight, stats, sparsity, quant_spec, blocksize, percdamp, info, clip=None):
     """The sweep for both entry points: (SweepResult or None when there is nothing to do,
     QuantParams or None, codes [out, in] or None)."""
     check_solver_options(blocksize, percdamp)
@@ -114,7 +120,11 @@ def _run(weight, stats, sparsity, quant_spec, blocksize, percdamp, info):
     w[:, factor.dead] = 0
     grid = params = None
     if quant_spec is not None:
-        params = fit_params(w, quant_spec)
+        if clip is None:
+            params = fit_params(w, quant_spec)
+        else:
+            params = fit_params_searched(w, quant_spec, None, activation_weights(stats).to(w.device)
+                                         if clip == "act" else None)
         g = quant_spec.effective_group(in_f)
         grid = QuantGrid(
             scale=params.scale.T.to(w.dtype).contiguous(),
