@@ -275,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan_cmd.add_parser(sub, common)
     report_cmd.add_parser(sub, common)
+    from .commands import bench as bench_cmd
+    from .commands import export as export_cmd
+    from .commands import generate as generate_cmd
+
+    generate_cmd.add_parser(sub, common)
+    bench_cmd.add_parser(sub, common)
+    export_cmd.add_parser(sub, common)
     return parser
 
 

@@ -47,19 +47,29 @@ def place_on_device(model: nn.Module, device, dtype: torch.dtype) -> list[str]:
     """
     device = torch.device(device)
     without_kernel: list[str] = []
+    moved: dict[int, torch.Tensor] = {}  # each tensor moves once, so tied weights stay one tensor
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in moved:
+            new = t.detach().to(device)
+            moved[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+        return moved[id(t)]
+
     for name, module in model.named_modules():
         if isinstance(module, SparseQuantLinear):
             if module.bias is not None:
-                module.bias.data = module.bias.data.to(device)
+                module.bias = move(module.bias)
             if device.type == "cpu" or not module.prepare_kernel(device, dtype):
                 for t in module._names:
                     setattr(module, f"packed_{t}", getattr(module, f"packed_{t}").to(device))
                 module._dense_cache = None
                 if device.type != "cpu":
                     without_kernel.append(name)
-        else:
-            # recurse=False: only this module's own tensors; in-place .data swaps keep tied weights tied
-            module._apply(lambda t: t.to(device), recurse=False)
+            continue
+        for table in (module._parameters, module._buffers):
+            for key, t in table.items():
+                if t is not None:
+                    table[key] = move(t)
     if without_kernel:
         import warnings
 
