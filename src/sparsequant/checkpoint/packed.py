@@ -7,8 +7,13 @@ Storage kinds (``W[N, K]``; codes are the unsigned quantization codes of kept we
 - ``bitmap``: any other mask (unstructured, 4:8, 8:16, ...): ``bitmap`` (1 bit per weight,
               row-major, LSB first) plus the kept entries in row-major order: ``qweight`` (a flat
               bitstream) or ``values`` (flat).
+- ``hybrid``: tiles each dense or 2:4 (see patterns/pack_hybrid.py): ``tile_flags`` [R, C] uint8,
+              ``tile_offsets`` [R, C, 2] int32, tile by tile ``qweight`` (bytes) or ``values``, and
+              ``meta`` (the 2:4 tiles' pack24 metadata).
 Quantized weights add ``scales`` [N, groups] float16 and, when asymmetric, ``zeros`` [N, groups]
 uint8. Unquantized values use the checkpoint's storage dtype (float16 or bfloat16).
+Structured outliers (patterns/outliers.py), beside any kind: ``outlier_values`` [N, T] in the
+storage dtype and ``outlier_index`` [N, T] uint8 (position within its block of 256 inputs).
 A low-rank adapter (solvers/lowrank.py) adds ``adapter_down`` [r, K] and ``adapter_up`` [N, r] in
 the storage dtype, or, quantized, their codes as flat bit streams plus ``adapter_down_scales`` /
 ``adapter_up_scales`` (float16); the description's ``adapter`` entry gives rank, quant and dtype.
@@ -19,22 +24,27 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, PatternError
 from ..patterns import SparsitySpec
 from ..patterns.bits import pack_bits, pack_mask, unpack_bits, unpack_mask
+from ..patterns.hybrid import grid_for, tile_flags
+from ..patterns.outliers import OutlierSet
 from ..patterns.pack24 import pack_24, unpack_24
+from ..patterns.pack_hybrid import pack_hybrid, unpack_hybrid
 from ..quant import QuantParams, QuantSpec
 from ..solvers.base import CompressedWeight
 from ..solvers.lowrank import LowRankAdapter
 
 ADAPTER_PREFIX = "adapter_"
 
-STORAGE_KINDS = ("dense", "nm24", "bitmap")
+STORAGE_KINDS = ("dense", "nm24", "bitmap", "hybrid")
 
 
 def storage_kind(sparsity: SparsitySpec, in_features: int) -> str:
     if sparsity.is_dense:
         return "dense"
+    if sparsity.kind == "hybrid":
+        return "hybrid"
     if sparsity.kind == "nm" and (sparsity.n, sparsity.m) == (2, 4) and in_features % 8 == 0:
         return "nm24"
     return "bitmap"
@@ -80,6 +90,10 @@ class PackedWeight:
                 t["qweight"] = _pack_rows(values, q.bits)
             else:
                 t["values"] = values
+        elif kind == "hybrid":
+            src = cw.codes if q is not None else cw.weight.to(storage_dtype)
+            grid = grid_for(cw.sparsity, (n, k))
+            t.update(pack_hybrid(src, cw.mask, tile_flags(cw.mask, cw.sparsity), grid, None if q is None else q.bits))
         else:
             t["bitmap"] = pack_mask(cw.mask)
             if q is not None:
@@ -90,6 +104,8 @@ class PackedWeight:
             t["scales"] = cw.qparams.scale.to(torch.float16)
             if not q.symmetric:
                 t["zeros"] = cw.qparams.zero.to(torch.uint8)
+        if cw.outliers is not None:
+            t["outlier_values"], t["outlier_index"] = cw.outliers.values, cw.outliers.index
         adapter = None
         if cw.adapter is not None:
             t.update({ADAPTER_PREFIX + name: v for name, v in cw.adapter.tensors().items()})
@@ -135,13 +151,35 @@ class PackedWeight:
         if self.storage == "nm24":
             meta = self._need("meta")
             return unpack_24(torch.zeros(n, k // 2, dtype=torch.uint8, device=meta.device), meta)[1]
+        if self.storage == "hybrid":
+            return self._hybrid()[1]
         return unpack_mask(self._need("bitmap"), (n, k))
 
     def to_compressed(self) -> CompressedWeight:
         """Rebuild the CompressedWeight; its ``weight`` (and adapter) equal the packed ones, bit for bit."""
         cw = self._base_compressed()
         cw.adapter = self.lowrank()
+        cw.outliers = self.outlier_set()
         return cw
+
+    def outlier_set(self) -> OutlierSet | None:
+        """The stored structured outliers, checked (exactly k per 256 inputs), or None."""
+        if not self.sparsity.outliers:
+            return None
+        try:
+            return OutlierSet(self._need("outlier_values"), self._need("outlier_index"), self.sparsity.outliers,
+                              self.shape[1]).validate(self.shape)
+        except PatternError as exc:
+            raise CheckpointError(f"stored outliers are corrupt: {exc}") from exc
+
+    def _hybrid(self):
+        """(entries, mask, flags) of 'hybrid' storage."""
+        names = ("tile_flags", "tile_offsets", "meta", "values" if self.quant is None else "qweight")
+        try:
+            return unpack_hybrid({m: self._need(m) for m in names}, grid_for(self.sparsity, self.shape),
+                                 None if self.quant is None else self.quant.bits)
+        except PatternError as exc:
+            raise CheckpointError(f"packed hybrid weight of shape {self.shape} is corrupt: {exc}") from exc
 
     def _base_compressed(self) -> CompressedWeight:
         n, k = self.shape
@@ -163,6 +201,11 @@ class PackedWeight:
                 if q is None:
                     return CompressedWeight(weight=dense.float(), sparsity=self.sparsity, mask=mask)
                 codes = dense
+            elif self.storage == "hybrid":
+                entries, mask, _ = self._hybrid()
+                if q is None:
+                    return CompressedWeight(weight=entries.float(), sparsity=self.sparsity, mask=mask)
+                codes = entries
             elif self.storage == "bitmap":
                 mask = unpack_mask(self._need("bitmap"), (n, k))
                 kept = int(mask.sum())

@@ -100,6 +100,12 @@ class CompressedWeight:
                 raise ValueError("weight differs from its dequantized codes")
         if self.adapter is not None:
             self.adapter.validate(self.shape)
+        if self.sparsity.outliers:
+            if self.outliers is None or self.outliers.k != self.sparsity.outliers:
+                raise PatternError(f"spec {self.sparsity} needs {self.sparsity.outliers} outliers per 256 inputs")
+            self.outliers.validate(self.shape)
+        elif self.outliers is not None:
+            raise PatternError(f"spec {self.sparsity} has no outliers, but the weight carries some")
         return self
 
     @classmethod

@@ -75,6 +75,18 @@ def compress_weight(
         from ..errors import NonFiniteWeightError
 
         raise NonFiniteWeightError("calibration activations contain NaN or Inf")
+    if plan.sparsity.outliers:
+        # W = outliers + the rest; everything below (pruning, quantization, an adapter) sees the rest.
+        from dataclasses import replace
+
+        from .outliers import split_outliers
+
+        # Saliency from the statistics the plan's own solvers use (none for data-free magnitude).
+        outliers, rest = split_outliers(weight, stats if plan.needs_stats else None, plan.sparsity.outliers,
+                                        storage_dtype)
+        cw = compress_weight(rest, stats, replace(plan, sparsity=plan.sparsity.base), storage_dtype, info)
+        cw.sparsity, cw.outliers = plan.sparsity, outliers
+        return cw.validate()
     if plan.adapter is not None:
         from .lowrank import sparse_plus_lowrank
 

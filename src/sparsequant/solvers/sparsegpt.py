@@ -6,12 +6,15 @@ Masks follow the paper's reference implementation: unstructured masks are chosen
 of ``blocksize`` columns by the OBS score ``w^2 / [H^-1]_jj`` on the block's compensated values
 (per output row when the spec says per_row, else over the whole block); N:M masks are chosen every
 M columns, on values that already carry the compensation from every column before them.
+Hybrid tiles: the tiles to make 2:4 are chosen first, by the OBS error of pruning each tile to 2:4
+(``patterns/hybrid.py``); the sweep then applies 2:4 only to the rows of those tiles.
 """
 from __future__ import annotations
 
 import torch
 
 from ..patterns import SparsitySpec
+from ..patterns.hybrid import grid_for, select_tiles, tile_costs
 from ..patterns.masks import check_nm_shape
 from ..quant import QuantParams, QuantSpec, fit_params
 from ..quant.clip_search import activation_weights, clip_mode, fit_params_searched
@@ -102,12 +105,16 @@ def _run(weight, stats, sparsity, quant_spec, blocksize, percdamp, info, clip=No
     check_finite(weight)
     h = hessian_for(weight, stats, "sparsegpt")
     in_f = weight.shape[1]
-    nm = unstructured = None
+    nm = unstructured = tiles = None
     if sparsity.kind == "nm":
         check_nm_shape(in_f, sparsity.m)
         nm = (sparsity.n, sparsity.m)
         # A group of M is chosen on its own compensated values, so it must not straddle blocks.
         blocksize = max(sparsity.m, blocksize - blocksize % sparsity.m)
+    elif sparsity.kind == "hybrid" and not sparsity.is_dense:
+        tiles = grid_for(sparsity, tuple(weight.shape))
+        nm = (2, 4)
+        blocksize = max(4, blocksize - blocksize % 4)
     elif not sparsity.is_dense:
         unstructured = (sparsity.sparsity, sparsity.per_row)
     if quant_spec is None and sparsity.is_dense:
@@ -132,9 +139,19 @@ def _run(weight, stats, sparsity, quant_spec, blocksize, percdamp, info, clip=No
             maxq=quant_spec.levels - 1,
             group_of=[p // g for p in range(in_f)],
         )
+    nm_rows = None
+    if tiles is not None:
+        # Tiles are chosen once, before the sweep, by the OBS error of pruning each to 2:4 on the
+        # weights as given; the sweep then picks the 2:4 masks of those tiles on compensated values.
+        inv_diag = factor.U.square().sum(0)  # diag((H + damp I)^-1), as U^T U is that inverse
+        flags = select_tiles(tile_costs(w.square() / inv_diag, tiles), tiles, sparsity.sparsity)
+        nm_rows = tiles.expand(flags)[:, ::4].T.contiguous()
+        if info is not None:
+            info.update(tiles=tiles.n_tiles, tiles_24=int(flags.sum()))
     wt = w.T.contiguous()
     del w
-    result = obs_sweep(wt, factor.U, blocksize=blocksize, nm=nm, unstructured=unstructured, grid=grid)
+    result = obs_sweep(wt, factor.U, blocksize=blocksize, nm=nm, unstructured=unstructured, grid=grid,
+                       nm_rows=nm_rows)
     if info is not None:
         factor.report(info)
         info["loss"] = float(result.loss)
