@@ -5,6 +5,9 @@ supports its format on ``device`` (or None: the caller then uses the reference p
 ``kernels.reference``), and ``linear(x, state)`` computes ``x @ W^T`` with it.
 
 What runs where (see docs/kernels.md):
+- 'nm24' symmetric int4/int8 codes, group 32/64/a multiple of 128/per channel, on a Hopper GPU
+  (sm_90), ``MMA_SP_TOKENS`` (2-16) tokens: the sparse-tensor-core CUDA kernel (``mma_sp.py``,
+  compiled with nvcc on first use; if that fails, a warning and the Triton paths below).
 - 'nm24' int4/int8 codes, group size a multiple of 32 or per channel, float16/bfloat16
   activations on CUDA: the Triton decode kernel up to ``DECODE_MAX_TOKENS`` tokens (its fp16 path
   is inline PTX); above that either the Triton prefill kernel (tiles expanded in registers +
@@ -24,6 +27,10 @@ from . import reference  # noqa: F401  (part of the public kernel API)
 
 #: Largest token count sent to the decode kernel (measured crossover on an H100: 8 to 16).
 DECODE_MAX_TOKENS = 8
+#: Token counts sent to the sparse-tensor-core CUDA kernel (mma_sp.py) when it is available:
+#: measured on an H100 (BENCHMARKS.md) faster than every Triton path from 2 to 16 tokens
+#: (16 tokens: 14-47 us vs 24-99 us), slower at 1 token and from 32 tokens on.
+MMA_SP_TOKENS = (2, 16)
 #: Many-token path: "auto", "expand" (dense buffer + cuBLAS) or "triton" (tl.dot prefill kernel).
 #: "auto" takes the Triton kernel up to 32 tokens on wide outputs (N >= 8192), where it measured
 #: faster than expanding (83 vs 100-131 us at 16 tokens), and expand + cuBLAS everywhere else.
@@ -42,6 +49,7 @@ class Nm24State:
         self.device = torch.device(device)
         self.workspace = DecodeWorkspace(self.layout.n, self.device)
         self.kind = f"nm24-w{self.layout.bits}a16"
+        self.mma = _mma_sp_state(packed, self.device, dtype) if packed is not None else None
 
     @classmethod
     def from_layout(cls, layout, dtype: torch.dtype) -> "Nm24State":
@@ -51,9 +59,11 @@ class Nm24State:
         from .triton_decode import decode_linear
         from .triton_prefill import expand_linear, prefill_linear
 
-        if x2d.shape[0] <= DECODE_MAX_TOKENS:
-            return decode_linear(x2d, self.layout, self.workspace)
         m = x2d.shape[0]
+        if self.mma is not None and MMA_SP_TOKENS[0] <= m <= MMA_SP_TOKENS[1]:
+            return self.mma(x2d)
+        if m <= DECODE_MAX_TOKENS:
+            return decode_linear(x2d, self.layout, self.workspace)
         if PREFILL_PATH == "triton" or (PREFILL_PATH == "auto" and m <= 32 and self.layout.n >= 8192):
             return prefill_linear(x2d, self.layout)
         return expand_linear(x2d.contiguous(), self.layout)
@@ -79,6 +89,27 @@ class W8A8State:
 
     def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
         return self.op(x2d)
+
+
+_MMA_SP_WARNED = False
+
+
+def _mma_sp_state(packed, device, dtype):
+    """The mma.sp kernel's state when it supports this weight here, else None (warns once if its build fails)."""
+    global _MMA_SP_WARNED
+    from . import mma_sp
+
+    if not mma_sp.supported(packed, device, dtype):
+        return None
+    try:
+        return mma_sp.MmaSpState(packed, device, dtype)
+    except Exception as exc:  # noqa: BLE001 - nvcc missing or failing: the Triton kernels still work
+        if not _MMA_SP_WARNED:
+            import warnings
+
+            warnings.warn(f"mma.sp CUDA kernel unavailable, using the Triton kernels: {exc}", RuntimeWarning, stacklevel=3)
+            _MMA_SP_WARNED = True
+        return None
 
 
 def _triton_ok() -> bool:

@@ -1,0 +1,154 @@
+"""Time the mma.sp CUDA kernel against cuBLAS fp16, torch._weight_int4pack_mm and our Triton path.
+
+    PYTHONPATH=src python benchmarks/bench_mma_sp.py [--tokens 1,16,128,512] [--quick] [--out DIR]
+
+Same method as bench_kernels.py (whose helpers it uses): CUDA-graph replays rotating over enough
+weight copies to exceed 3x L2, median per call; eager call time from a host loop. For every
+(shape, tokens) it times each launch configuration (NT, WR) of the kernel and reports the best
+and the one ``config_for`` picks. Also: the hardware probe of the operand placement, and the GPU
+pack (``pack_nm24_rtn``) time for LLaMA-2-7B's linears. Prints a table last, JSON to $OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_kernels import SHAPES, clone_layout, copies_for, int4pack_baseline, log, time_eager, time_graph  # noqa: E402
+
+from sparsequant import kernels  # noqa: E402
+from sparsequant.kernels import cuda_build  # noqa: E402
+from sparsequant.kernels.mma_sp import MmaSpState, config_for, expected_probe, probe  # noqa: E402
+from sparsequant.kernels.testing import random_packed24  # noqa: E402
+
+LLAMA2_7B_LINEARS = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
+
+
+def clone_mma(st):
+    c = copy.copy(st)
+    c.layout = copy.copy(st.layout)
+    c.layout.qw, c.layout.meta, c.layout.sc = st.layout.qw.clone(), st.layout.meta.clone(), st.layout.sc.clone()
+    return c
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="1,16,128,512")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "runs/bench"))
+    ap.add_argument("--skip", default="", help="comma list of: pack, baselines, sweep")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    dev = torch.device("cuda")
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "date": datetime.date.today().isoformat(), "timing": [], "pack": {}}
+
+    t = time.perf_counter()
+    cuda_build.library()
+    res["build_s"] = time.perf_counter() - t
+    log(f"build/load: {res['build_s']:.1f} s")
+
+    meta, b = probe()
+    exp_meta, exp_b = expected_probe()
+    res["probe_b_ok"], res["probe_meta_ok"] = b == exp_b, meta == exp_meta
+    log(f"probe: B placement as assumed: {b == exp_b}; metadata placement as assumed: {meta == exp_meta}")
+    if b != exp_b or meta != exp_meta:
+        res["probe"] = {"meta": meta, "b": b}
+        for sel in range(2):
+            for lane in range(8):
+                log(f"  sel {sel} lane {lane}: {meta[sel][lane]}")
+        log(f"  b lane 0..5: {b[:6]}")
+
+    tokens = [int(v) for v in args.tokens.split(",")]
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    for (n, k) in shapes:
+        pk = random_packed24(n, k, 4, 128, device=dev, seed=n + k)
+        base = MmaSpState(pk, dev, torch.float16)
+        nc = copies_for(base.layout.nbytes())
+        states = [base] + [clone_mma(base) for _ in range(nc - 1)]
+        tri = kernels.Nm24State(pk, dev, torch.float16)
+        tris = [tri] + [kernels.Nm24State.from_layout(clone_layout(tri.layout), torch.float16) for _ in range(nc - 1)]
+        if "baselines" not in skip:
+            wd = torch.randn(n, k, device=dev, dtype=torch.float16)
+            wds = [wd] + [wd.clone() for _ in range(copies_for(wd.numel() * 2) - 1)]
+            i4 = int4pack_baseline(n, k, dev)
+            i4s = None if i4 is None else [i4] + [(i4[0].clone(), i4[1].clone()) for _ in range(copies_for(n * k // 2) - 1)]
+        for m in tokens:
+            x = torch.randn(m, k, device=dev, dtype=torch.float16)
+            row = {"shape": [n, k], "tokens": m}
+            cfgs = {}
+            nt0, wr0 = config_for(m, base.layout.rt)
+            sweep = [(nt0, wr0)] if "sweep" in skip else sorted({(nt0, w) for w in (1, 2, 4, 8)} | {(nt0, wr0)})
+            for (nt, wr) in sweep:
+                cfgs[f"{nt},{wr}"] = time_graph([lambda s=s, nt=nt, wr=wr: s(x, nt=nt, wr=wr) for s in states])
+            row["mma_cfgs"] = cfgs
+            row["mma_auto"] = cfgs[f"{nt0},{wr0}"]
+            row["mma_best"] = min(cfgs.values())
+            row["mma_best_cfg"] = min(cfgs, key=cfgs.get)
+            row["triton"] = time_graph([lambda s=s: s(x) for s in tris])
+            if m == 1:
+                row["mma_eager"] = time_eager([lambda s=s: s(x) for s in states])
+            if "baselines" not in skip:
+                row["fp16"] = time_graph([lambda w=w: F.linear(x, w) for w in wds])
+                if i4s is not None:
+                    xb = x.to(torch.bfloat16)
+                    row["int4pack"] = time_graph([lambda p=p: torch._weight_int4pack_mm(xb, p[0], 128, p[1]) for p in i4s])
+            res["timing"].append(row)
+            log(f"{n}x{k} m={m}: mma auto {row['mma_auto']:.1f} best {row['mma_best']:.1f} ({row['mma_best_cfg']}) "
+                f"triton {row['triton']:.1f} fp16 {row.get('fp16', float('nan')):.1f} "
+                f"int4pack {row.get('int4pack', float('nan')):.1f}  cfgs {json.dumps({c: round(v, 1) for c, v in cfgs.items()})}")
+        del states, tris
+        torch.cuda.empty_cache()
+
+    if "pack" not in skip:
+        from sparsequant.kernels.gpu_pack import pack_nm24_rtn
+
+        per_shape = {}
+        for (n, k) in sorted(set(LLAMA2_7B_LINEARS)):
+            w = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
+            pack_nm24_rtn(w)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(3):
+                pack_nm24_rtn(w)
+            torch.cuda.synchronize()
+            per_shape[f"{n}x{k}"] = (time.perf_counter() - t) / 3
+        total = 32 * sum(per_shape[f"{n}x{k}"] for (n, k) in LLAMA2_7B_LINEARS)
+        res["pack"] = {"per_shape_s": per_shape, "llama2_7b_total_s": total}
+        log(f"GPU pack: {json.dumps({s: round(v * 1e3, 2) for s, v in per_shape.items()})} ms; LLaMA-2-7B 224 linears: {total:.2f} s")
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "mma_sp.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+    log("\n| shape | tokens | mma.sp auto / best (cfg) | triton | cuBLAS fp16 | int4pack | vs fp16 | vs int4pack |")
+    log("|---|---|---|---|---|---|---|---|")
+    for r in res["timing"]:
+        vs16 = r.get("fp16", float("nan")) / r["mma_auto"]
+        vs4 = r.get("int4pack", float("nan")) / r["mma_auto"]
+        log(f"| {r['shape'][0]}x{r['shape'][1]} | {r['tokens']} | {r['mma_auto']:.1f} / {r['mma_best']:.1f} ({r['mma_best_cfg']}) "
+            f"| {r['triton']:.1f} | {r.get('fp16', float('nan')):.1f} | {r.get('int4pack', float('nan')):.1f} | {vs16:.2f}x | {vs4:.2f}x |")
+    for m in tokens:
+        rows = [r for r in res["timing"] if r["tokens"] == m and "fp16" in r]
+        if rows:
+            gm = math.exp(sum(math.log(r["fp16"] / r["mma_auto"]) for r in rows) / len(rows))
+            gb = math.exp(sum(math.log(r["fp16"] / r["mma_best"]) for r in rows) / len(rows))
+            line = f"tokens {m}: geomean vs fp16 {gm:.2f}x (best cfg {gb:.2f}x)"
+            r4 = [r for r in rows if "int4pack" in r]
+            if r4:
+                g4 = math.exp(sum(math.log(r["int4pack"] / r["mma_auto"]) for r in r4) / len(r4))
+                line += f", vs int4pack {g4:.2f}x"
+            log(line)
+
+
+if __name__ == "__main__":
+    main()
