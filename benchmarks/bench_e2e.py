@@ -1,0 +1,248 @@
+"""End-to-end check and benchmark on one GPU, in one command (issue 7's acceptance run).
+
+    python benchmarks/bench_e2e.py                       # LLaMA-2-7B shape, 32 layers, < 8 minutes on an H100
+    python benchmarks/bench_e2e.py --layers 8 --budget-s 200
+
+1. Correctness, on a tiny LLaMA compressed to 2:4 W4A16 g128 and saved as a checkpoint: the GPU load
+   (kernels, CUDA graphs) against the CPU reference path of the same checkpoint - logits within
+   float16 tolerance, greedy tokens equal for 32 new tokens (two prompts, one left-padded), the
+   CUDA-graph decode equal to the eager one, the GPU holding only packed weights; the 2:4 fp8 W8A8
+   twin within fp8 tolerance.
+2. Speed, on a LLaMA-2-7B-shaped synthetic model (random fp16 weights built on the GPU, compressed
+   without calibration): prefill and decode tokens/s of 2:4 W4A16, 2:4 fp8 (W8A8), dense fp16 in the
+   same engine and plain transformers generate, batches 1/8/32/128, prompts 128/2048, configurations
+   that do not fit skipped, the time budget respected; weight memory and the acceptance ratios.
+
+Results go to $OUT (or --out): bench_e2e.json, bench_e2e.md, bench_e2e.png. The short table is
+printed last. The exit status is 1 when a correctness check failed (timings still run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import sparsequant as sq  # noqa: E402
+from sparsequant.nn.linear import SparseQuantLinear  # noqa: E402
+from sparsequant.runtime import synthetic as syn  # noqa: E402
+from sparsequant.runtime.bench import BenchSettings, environment, run_bench  # noqa: E402
+from sparsequant.runtime.generate import generate  # noqa: E402
+
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+# -- 1. correctness -------------------------------------------------------------------------
+@torch.no_grad()
+def correctness(results: dict) -> bool:
+    from transformers import AutoModelForCausalLM
+
+    checks = results.setdefault("checks", {})
+    torch.manual_seed(0)
+    cfg = syn.synthetic_config("tiny-llama")
+    cfg.initializer_range = 0.06  # sharper logits than 0.02: fewer near-ties between fp16 and the reference
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    result = syn.compress_model_nm24(model, bits=4, group_size=128)
+    tmp = Path(tempfile.mkdtemp(prefix="sq-e2e-"))
+    sq.save(result, tmp / "ck")
+    ref, _ = sq.load(tmp / "ck", dtype=torch.float16)  # CPU reference path, same dtype as the GPU
+    ref32, _ = sq.load(tmp / "ck")  # CPU float32
+    before = torch.cuda.memory_allocated()
+    fast, _ = sq.load(tmp / "ck", device="cuda")
+    held = torch.cuda.memory_allocated() - before
+    lins = [m for m in fast.modules() if isinstance(m, SparseQuantLinear)]
+    kinds = sorted({getattr(m._kernel_state, "kind", type(m._kernel_state).__name__) for m in lins})
+    packed = sum(m.packed.nbytes() for m in lins)
+    other = sum(t.numel() * t.element_size() for n, t in fast.state_dict().items() if ".packed_" not in n)
+    checks["kernels"] = {"ok": all(m._kernel_state is not None for m in lins), "kinds": kinds, "linears": len(lins)}
+    checks["gpu_memory"] = {"ok": held <= 1.1 * (packed + other) + (1 << 20), "held_bytes": held,
+                            "packed_bytes": packed, "uncompressed_bytes": other}
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (2, 48), generator=g)
+    want = ref32(ids).logits.double()
+    got = fast(ids.cuda()).logits.double().cpu()
+    got_ref16 = ref(ids).logits.double()
+    rel = float((got - want).norm() / want.norm())
+    rel16 = float((got_ref16 - want).norm() / want.norm())
+    checks["logits"] = {"ok": rel < 1e-2 and rel < 4 * rel16 + 1e-3, "rel_err_gpu_vs_fp32_ref": rel,
+                        "rel_err_cpu_fp16_ref_vs_fp32_ref": rel16,
+                        "max_abs_gpu_vs_fp16_ref": float((got - got_ref16).abs().max())}
+
+    prompts = [[1, 15, 27, 300, 42, 7, 99, 5], [3, 200, 17]]
+    t_ref = generate(ref, prompts, max_new_tokens=32, eos_token_id=[]).tokens
+    t_gpu = generate(fast, prompts, max_new_tokens=32, eos_token_id=[]).tokens
+    t_eager = generate(fast, prompts, max_new_tokens=32, eos_token_id=[], cuda_graph=False).tokens
+    same = [sum(a == b for a, b in zip(x, y)) for x, y in zip(t_gpu, t_ref)]
+    info = {"ok": t_gpu == t_ref, "equal_tokens_per_prompt": same, "gpu": t_gpu, "cpu_reference": t_ref}
+    if t_gpu != t_ref:  # say whether the first divergence is a near-tie of the reference's logits
+        for r, (x, y) in enumerate(zip(t_gpu, t_ref)):
+            if x != y:
+                k = next(i for i, (a, b) in enumerate(zip(x, y)) if a != b)
+                ctx = torch.tensor([prompts[r] + y[:k]])
+                lg = ref32(ctx).logits[0, -1].double()
+                info["first_divergence"] = {"prompt": r, "step": k, "ref_token": y[k], "gpu_token": x[k],
+                                            "ref_logit_gap": float(lg[y[k]] - lg[x[k]])}
+                break
+    checks["greedy_32_tokens_gpu_vs_cpu_reference"] = info
+    checks["cuda_graph_equals_eager"] = {"ok": t_gpu == t_eager}
+
+    # 2:4 fp8 W8A8 twin of a dense fp16 tiny model: within fp8 tolerance of its W8A16 reference
+    dense = syn.build_dense(syn.synthetic_config("tiny-llama"), device="cuda", seed=3)
+    w8, _ = syn.sparse_twin(dense, "2:4-w8a16")
+    fp8, _ = syn.sparse_twin(dense, "2:4-fp8")
+    x = torch.randint(0, 512, (4, 64), device="cuda")
+    a = w8(x).logits.double()
+    b = fp8(x).logits.double()
+    rel8 = float((a - b).norm() / a.norm())
+    kinds8 = sorted({getattr(m._kernel_state, "kind", "none") for m in fp8.modules() if isinstance(m, SparseQuantLinear)})
+    checks["fp8_w8a8_vs_w8a16"] = {"ok": rel8 < 0.25 and kinds8 == ["nm24-w8a8-fp8"], "rel_err": rel8, "kinds": kinds8}
+    ok = all(c["ok"] for c in checks.values())
+    for name, c in checks.items():
+        log(f"{'PASS' if c['ok'] else 'FAIL'} {name}: " + json.dumps({k: v for k, v in c.items()
+                                                                  if k not in ('ok', 'gpu', 'cpu_reference')}))
+    del fast, dense, w8, fp8
+    torch.cuda.empty_cache()
+    return ok
+
+
+# -- 2. speed -------------------------------------------------------------------------------
+def speed(args, results: dict):
+    cfg = syn.synthetic_config(args.config, args.layers)
+    log(f"building {args.config} with {cfg.num_hidden_layers} layers (random fp16 on the GPU)")
+    dense = syn.build_dense(cfg, device=args.device, dtype=torch.float16, seed=0)
+    sparse, pack_s = syn.sparse_twin(dense, "2:4-w4a16")
+    log(f"2:4 W4A16 g128 packing + kernel layout: {pack_s:.1f} s packing for {cfg.num_hidden_layers} layers")
+    engines = {"sparse": sparse}
+    meta = {"model": f"{args.config} ({cfg.num_hidden_layers} layers)", "config": args.config,
+            "layers": cfg.num_hidden_layers, "pack_seconds_w4a16": pack_s}
+    if not args.no_fp8 and args.device == "cuda":
+        try:
+            fp8, s8 = syn.sparse_twin(dense, "2:4-fp8")
+            engines["sparse-fp8"] = fp8
+            meta["pack_seconds_fp8"] = s8
+            log(f"2:4 fp8 twin: {s8:.1f} s")
+        except Exception as exc:  # report and go on with the other engines
+            meta["fp8_error"] = f"{type(exc).__name__}: {exc}"
+            log(f"2:4 fp8 twin failed: {meta['fp8_error']}")
+    engines["dense"] = dense
+    if not args.no_hf:
+        engines["transformers"] = dense
+    dense_bytes = syn.weight_bytes_on(dense, args.device)
+    meta["weight_bytes"] = {n: syn.weight_bytes_on(m, args.device) for n, m in engines.items() if n != "transformers"}
+    meta["weight_ratio_vs_dense"] = {n: b / dense_bytes for n, b in meta["weight_bytes"].items()}
+    lin = [m for m in sparse.modules() if isinstance(m, SparseQuantLinear)]
+    lin_fp16 = sum(2 * m.in_features * m.out_features for m in lin)
+    # on a GPU the kernel states hold the packed bits; on the CPU the checkpoint-layout buffers do
+    kernel_bytes = sum(sum(t.numel() * t.element_size() for t in syn._state_tensors(m._kernel_state))
+                       if m._kernel_state is not None else m.packed.nbytes() for m in lin)
+    meta["linear_weight_ratio_vs_fp16"] = kernel_bytes / lin_fp16
+    log("weight memory vs dense fp16: " + ", ".join(f"{n} {r:.3f}x" for n, r in meta["weight_ratio_vs_dense"].items())
+        + f"; compressed linears alone {meta['linear_weight_ratio_vs_fp16']:.3f}x")
+    settings = BenchSettings(batches=tuple(args.batch), prompt_lens=tuple(args.prompt_len), steps=args.steps,
+                             repeats=args.repeats, hf_tokens=args.hf_tokens, budget_s=args.budget_s)
+    meta["settings"] = {k: getattr(settings, k) for k in settings.__dataclass_fields__}
+    report = run_bench(engines, settings, meta=meta, log=log, prefill_only=frozenset())
+    results["bench"] = report.to_dict()
+    return report
+
+
+def acceptance(report) -> list[str]:
+    rows = {(r.engine, r.batch, r.prompt_len): r for r in report.rows}
+    lines = []
+
+    def ratio(a, b, key):
+        ra, rb = rows.get(a), rows.get(b)
+        va, vb = getattr(ra, key, None) if ra else None, getattr(rb, key, None) if rb else None
+        return (va / vb) if va and vb else None, va
+
+    r, v = ratio(("sparse", 1, 128), ("dense", 1, 128), "decode_tok_s")
+    lines.append(f"batch 1 decode (prompt 128): 2:4 W4A16 {v or 0:.0f} tok/s = {r or 0:.2f}x dense fp16 "
+                 f"(target >= 2.5x and >= 500 tok/s)")
+    hf = rows.get(("transformers", 1, 128))
+    if hf and hf.decode_tok_s:
+        lines.append(f"  plain transformers generate, batch 1: {hf.decode_tok_s:.1f} tok/s")
+    r, v = ratio(("sparse", 32, 128), ("dense", 32, 128), "decode_tok_s")
+    lines.append(f"batch 32 decode (prompt 128): {v or 0:.0f} tok/s = {r or 0:.2f}x dense fp16 (target >= 1.8x)")
+    for b in (1, 8, 32):
+        r, v = ratio(("sparse-fp8", b, 2048), ("dense", b, 2048), "prefill_tok_s")
+        r4, _ = ratio(("sparse", b, 2048), ("dense", b, 2048), "prefill_tok_s")
+        if r or r4:
+            lines.append(f"2048-token prefill, batch {b}: 2:4 fp8 {r or 0:.2f}x, 2:4 W4A16 {r4 or 0:.2f}x dense fp16 "
+                         f"(target fp8 >= 1.5x)")
+    m = report.meta
+    lines.append(f"weight memory: 2:4 W4A16 model {m['weight_ratio_vs_dense'].get('sparse', 0):.3f}x dense fp16, "
+                 f"its linears {m['linear_weight_ratio_vs_fp16']:.3f}x (target <= 0.22x)")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="llama-2-7b", choices=list(syn.CONFIGS))
+    p.add_argument("--layers", type=int, default=None, help="decoder layers to keep (default: all)")
+    p.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 128])
+    p.add_argument("--prompt-len", type=lambda s: [int(x) for x in s.split(",")], default=[128, 2048])
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hf-tokens", type=int, default=8)
+    p.add_argument("--budget-s", type=float, default=330.0,
+                   help="timing phase: no new measurement starts after this many seconds (default 330)")
+    p.add_argument("--no-fp8", action="store_true")
+    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--skip-correctness", action="store_true")
+    p.add_argument("--out", default=os.environ.get("OUT"))
+    p.add_argument("--device", default="cuda", help="cpu: a dry run of the timing phase (tests; no correctness phase)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_e2e.py needs a CUDA GPU (--device cpu --config tiny-llama is a dry run of the timing phase)")
+        return 2
+    results = {"environment": environment(), "command": " ".join(sys.argv)}
+    log(json.dumps(results["environment"]))
+    ok = True
+    if not args.skip_correctness and args.device == "cuda":
+        try:
+            ok = correctness(results)
+        except Exception:
+            ok = False
+            results["correctness_error"] = traceback.format_exc()
+            log("FAIL correctness raised:\n" + results["correctness_error"])
+    report = None
+    try:
+        report = speed(args, results)
+    except Exception:
+        results["speed_error"] = traceback.format_exc()
+        log("speed phase raised:\n" + results["speed_error"])
+    results["seconds"] = time.perf_counter() - T0
+    if report is not None:
+        results["acceptance"] = acceptance(report)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_e2e.json").write_text(json.dumps(results, indent=2, default=str))
+        if report is not None:
+            (out / "bench_e2e.md").write_text(report.table() + "\n")
+            report.plot(out / "bench_e2e.png")
+        log(f"saved results to {out}")
+    print()
+    print(f"correctness: {'PASS' if ok else 'FAIL'}   total {results['seconds']:.0f} s")
+    if report is not None:
+        print("\n".join(results["acceptance"]))
+        print()
+        print(report.table())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
