@@ -273,13 +273,13 @@ def _check_tile_jump(pw, cw, tile):
 
 
 def test_bits_per_weight_is_counted_in_full():
-    w = torch.randn(256, 1024)
+    w = torch.randn(128, 1024)
     for pattern, expected in [("hybrid:50%", 3.125), ("hybrid:25%", 3.625)]:
         cw = compress_weight(w, None, LinearPlan(prune="magnitude", sparsity=SparsitySpec.parse(pattern),
                                                  quant=QuantSpec(4, 128, True)))
         pw = PackedWeight.from_compressed(cw)
-        # values + metadata + scales, plus 1 flag byte and 8 offset bytes per tile (16 tiles)
-        assert pw.bits_per_weight() == pytest.approx(expected + 8 * 9 * 16 / (256 * 1024))
+        # values + metadata + scales, plus 1 flag byte and 8 offset bytes per tile (8 tiles)
+        assert pw.bits_per_weight() == pytest.approx(expected + 8 * 9 * 8 / (128 * 1024))
 
 
 def test_corrupt_hybrid_storage_is_checkpoint_error():
@@ -316,3 +316,15 @@ def test_engine_and_checkpoint_round_trip(method, quant, joint, tmp_path):
     loaded, _, meta = load_checkpoint(tmp_path / "ck")
     assert torch.equal(loaded(x).logits, model(x).logits)
     assert all(d["storage"] == "hybrid" and d["sparsity"]["tile"] == [32, 32] for d in meta["layers"].values())
+
+
+@pytest.mark.parametrize("pattern", ["hybrid:30%@16", "hybrid:30%@16+4/256"])
+def test_gptq_after_hybrid_pruning_keeps_the_tiles(pattern):
+    w, x = problem(12, out=32, k=64, dtype=torch.float32)
+    st = stats_of(x, torch.float32)
+    spec = SparsitySpec.parse(pattern)
+    cw = compress_weight(w, st, LinearPlan(prune="wanda", sparsity=spec, quantizer="gptq", quant=QuantSpec(4, 32, True)))
+    flags = tile_flags(cw.mask, spec.base)
+    assert 0 < int(flags.sum()) < flags.numel()
+    back = PackedWeight.from_compressed(cw).to_compressed().validate()
+    assert torch.equal(back.effective_weight(), cw.effective_weight())
