@@ -26,19 +26,23 @@ def add_parser(subparsers, common_parent):
 
 
 class TextStream:
-    """Prints the new text of one sequence as tokens arrive (decoding the whole continuation each
-    time, so multi-token characters and word-initial spaces come out right)."""
+    """Prints the new text of one sequence as tokens arrive. It decodes prompt + continuation each
+    time and prints what is new, so word-initial spaces and multi-token characters come out right."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out = tokenizer, out
-        self.ids: list[int] = []
-        self.shown = ""
+    def __init__(self, tokenizer, prompt_ids: list[int], out=None):
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
+        self.ids = list(prompt_ids)
+        self.base = tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.shown = ""  # continuation printed so far
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)[len(self.base):]
 
     def __call__(self, step, tokens):
         if tokens[0] is None:
             return
         self.ids.append(tokens[0])
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.text()
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return
         self.out.write(text[len(self.shown):])
@@ -69,7 +73,7 @@ def run(args) -> int:
     if args.chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                  add_generation_prompt=True) for p in prompts]
-    stream = TextStream(tokenizer) if len(prompts) == 1 else None
+    stream = TextStream(tokenizer, tokenizer(prompts[0])["input_ids"]) if len(prompts) == 1 else None
     if stream is not None:
         sys.stdout.write(args.prompt[0])
         sys.stdout.flush()
@@ -77,8 +81,7 @@ def run(args) -> int:
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_token=stream,
                    cuda_graph=False if args.no_cuda_graph else None)
     if stream is not None:
-        rest = out.texts[0][len(stream.shown):]
-        sys.stdout.write(rest + "\n")
+        sys.stdout.write(stream.text()[len(stream.shown):] + "\n")
     else:
         for prompt, text in zip(args.prompt, out.texts):
             print(f"--- {prompt}\n{prompt}{text}\n")

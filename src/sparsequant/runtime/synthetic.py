@@ -148,7 +148,7 @@ def compress_model_nm24(model, bits: int = 4, group_size: int | None = 128):
     The model keeps nn.Linear modules holding the dequantized weights (like the calibration engine
     leaves them), so the result can be evaluated and saved as a checkpoint with ``sparsequant.save``.
     """
-    from ..pipeline.sequential import CompressionResult
+    from ..pipeline.sequential import CompressionResult, round_uncompressed_to_storage, storage_dtype_for
     from ..recipe import QuantConfig, Recipe
 
     t0 = time.perf_counter()
@@ -158,10 +158,12 @@ def compress_model_nm24(model, bits: int = 4, group_size: int | None = 128):
         lin.weight.copy_(pw.to_compressed().weight.to(lin.weight.device, lin.weight.dtype))
         packed[name] = PackedWeight(pw.shape, pw.storage, pw.sparsity, pw.quant,
                                     {k: v.cpu() for k, v in pw.tensors.items()})
+    storage = storage_dtype_for(model)
+    round_uncompressed_to_storage(model, set(packed), storage)  # so the checkpoint reproduces this model exactly
     recipe = Recipe(name="synthetic", method="magnitude", pattern="2:4",
                     quant=QuantConfig(bits=bits, group_size=group_size, symmetric=True))
     return CompressionResult(model=model, recipe=recipe, packed=packed, linears=[], layers=[],
-                             storage_dtype=torch.float16, seconds=time.perf_counter() - t0)
+                             storage_dtype=storage, seconds=time.perf_counter() - t0)
 
 
 @torch.no_grad()
