@@ -328,3 +328,11 @@ def test_gptq_after_hybrid_pruning_keeps_the_tiles(pattern):
     assert 0 < int(flags.sum()) < flags.numel()
     back = PackedWeight.from_compressed(cw).to_compressed().validate()
     assert torch.equal(back.effective_weight(), cw.effective_weight())
+
+
+def test_sparsegpt_hybrid_at_50_percent_is_plain_24():
+    w, x = problem(13, out=24, k=64)
+    st = stats_of(x)
+    w_h, m_h = sparsegpt_prune(w, st, SparsitySpec.parse("hybrid:50%@16"), blocksize=32)
+    w_24, m_24 = sparsegpt_prune(w, st, SparsitySpec.parse("2:4"), blocksize=32)
+    assert torch.equal(m_h, m_24) and torch.equal(w_h, w_24)
