@@ -118,3 +118,4 @@ def test_loaded_checkpoint_generates_like_the_in_memory_compressed_model(tmp_pat
     rows = [[3, 1, 4, 1, 5], [9, 2, 6]]
     want = generate(result.model, rows, max_new_tokens=12, eos_token_id=NO_EOS).tokens
     assert generate(loaded, rows, max_new_tokens=12, eos_token_id=NO_EOS).tokens == want
+    assert sq.generate(tmp_path / "ck", rows, device="cpu", max_new_tokens=12, eos_token_id=NO_EOS).tokens == want

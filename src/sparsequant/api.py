@@ -43,3 +43,26 @@ def load(path, device="cpu", dtype: torch.dtype | None = None):
 
     model, tokenizer, _ = load_checkpoint(path, device=device, dtype=dtype)
     return model, tokenizer
+
+
+def generate(model, prompts, tokenizer=None, *, device=None, **kwargs):
+    """Generate continuations of ``prompts`` (text with a tokenizer, or token ids; one or a batch).
+
+    ``model`` is a loaded model or a path: a checkpoint folder (loaded with :func:`load`), a model
+    folder, ``.gguf`` file or hub id. Keyword arguments go to ``runtime.generate.generate``:
+    ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``seed``,
+    ``eos_token_id``, ``on_token`` (streaming callback), ``cuda_graph``. Returns a ``Generation``
+    (``tokens`` and, with a tokenizer, ``texts``).
+    """
+    from .runtime.generate import generate as _generate
+
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        from .models.loading import is_checkpoint, load_model
+
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if is_checkpoint(model):
+            model, tok = load(model, device=dev)
+        else:
+            model, tok = load_model(str(model), dtype=torch.float32 if dev == "cpu" else torch.float16, device=dev)
+        tokenizer = tokenizer or tok
+    return _generate(model, prompts, tokenizer, **kwargs)
