@@ -275,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan_cmd.add_parser(sub, common)
     report_cmd.add_parser(sub, common)
+    from .commands import sensitivity as sensitivity_cmd
+
+    sensitivity_cmd.add_parser(sub, common)
     from .commands import bench as bench_cmd
     from .commands import export as export_cmd
     from .commands import generate as generate_cmd

@@ -56,14 +56,107 @@ class CalibrationConfig:
     batch_size: int = 8
 
 
+VARIANCE_CORRECTION_MODES = ("std", "mean", "lsq")
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """Accuracy recovery after each linear / decoder layer is compressed.
+
+    variance_correction: false, true (= "std": match each output channel's mean and std to the
+    dense layer's on the calibration data), "mean" (match the mean only: a bias) or "lsq"
+    (least-squares per-channel scale and shift). finetune_steps: Adam steps per decoder layer on
+    its kept weights, masks and codes fixed (0 = off); finetune_lr: step size in relative units (a
+    scale or weight moves by about this fraction of itself per step); finetune_batch: calibration
+    windows per step. See pipeline/variance_correction.py and pipeline/block_finetune.py.
+    """
+
+    variance_correction: bool | str = False
+    finetune_steps: int = 0
+    finetune_lr: float = 1e-3
+    finetune_batch: int = 2
+
+    def __post_init__(self):
+        vc = self.variance_correction
+        if not (isinstance(vc, bool) or vc in VARIANCE_CORRECTION_MODES):
+            raise RecipeError(f"variance_correction must be true, false or one of "
+                              f"{', '.join(VARIANCE_CORRECTION_MODES)}; got {vc!r}")
+        if isinstance(self.finetune_steps, bool) or not isinstance(self.finetune_steps, int) or self.finetune_steps < 0:
+            raise RecipeError(f"finetune_steps must be a non-negative integer, got {self.finetune_steps!r}")
+        lr = self.finetune_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < float(lr) < 1:
+            raise RecipeError(f"finetune_lr must be a number in (0, 1), got {lr!r}")
+        if isinstance(self.finetune_batch, bool) or not isinstance(self.finetune_batch, int) or self.finetune_batch < 1:
+            raise RecipeError(f"finetune_batch must be a positive integer, got {self.finetune_batch!r}")
+
+    @property
+    def variance_mode(self) -> str | None:
+        """The variance-correction mode, or None when off."""
+        vc = self.variance_correction
+        return ("std" if vc else None) if isinstance(vc, bool) else vc
+
+
+OVERRIDE_KEYS = ("match", "method", "pattern", "quant", "joint", "options")
+
+
+def _check_override(o, index: int) -> dict:
+    """One entry of ``overrides``, checked: a mapping with a ``match`` glob and known keys."""
+    where = f"overrides[{index}]"
+    if not isinstance(o, dict):
+        raise RecipeError(f"{where} must be a mapping like {{match: '*.down_proj', pattern: dense}}, got {o!r}")
+    unknown = sorted(set(o) - set(OVERRIDE_KEYS))
+    if unknown:
+        raise RecipeError(f"{where} has unknown key(s) {', '.join(unknown)}; known: {', '.join(OVERRIDE_KEYS)}")
+    if not isinstance(o.get("match"), str) or not o["match"]:
+        raise RecipeError(f"{where} needs 'match': a glob of linear names such as 'model.layers.3.*'")
+    if len(o) == 1:
+        raise RecipeError(f"{where} changes nothing: give method, pattern, quant, joint or options")
+    o = dict(o)
+    if "pattern" in o:
+        try:
+            SparsitySpec.parse(str(o["pattern"]))
+        except Exception as exc:
+            raise RecipeError(f"{where}: {exc}") from None
+        o["pattern"] = str(o["pattern"])
+    if "method" in o and o["method"] not in PRUNERS:
+        raise RecipeError(f"{where}: unknown pruning method {o['method']!r}; available: {', '.join(sorted(PRUNERS))}")
+    if o.get("quant") is not None:
+        if not isinstance(o["quant"], dict):
+            raise RecipeError(f"{where}: quant must be a mapping (merged onto the recipe's) or null")
+        try:
+            q = replace(QuantConfig(), **o["quant"])
+        except TypeError as exc:
+            raise RecipeError(f"{where}: bad quant section: {exc}") from None
+        if q.method not in QUANTIZERS:
+            raise RecipeError(f"{where}: unknown quantizer {q.method!r}; available: {', '.join(sorted(QUANTIZERS))}")
+        try:
+            q.spec()
+        except Exception as exc:
+            raise RecipeError(f"{where}: {exc}") from None
+        o["quant"] = dict(o["quant"])
+    if "joint" in o and not isinstance(o["joint"], bool):
+        raise RecipeError(f"{where}: joint must be true or false")
+    if "options" in o:
+        if not isinstance(o["options"], dict):
+            raise RecipeError(f"{where}: options must be a mapping")
+        o["options"] = dict(o["options"])
+    return o
+
+
 @dataclass(frozen=True)
 class Recipe:
+
     """What to do to a model.
 
     method: pruning method (magnitude, wanda, sparsegpt, ...). pattern: "2:4", "4:8", "50%",
     "50%-matrix" or "dense". quant: None for no quantization. skip: glob patterns of linear
     names (e.g. ``"*.mlp.down_proj"`` or ``"model.layers.0.*"``) left untouched. joint: prune and
     quantize together when the method can (SparseGPT). options: extra solver arguments.
+    recovery: variance correction and blockwise fine-tuning (RecoveryConfig).
+    overrides: per-linear changes, each ``{match: glob, method/pattern/quant/joint/options: ...}``,
+    applied in order to every linear whose name matches (a later match wins); ``quant`` is merged
+    onto the quant in force (``null`` removes it); ``pattern: dense`` with ``quant: null`` leaves
+    the linear untouched.
     """
 
     name: str = "custom"
@@ -77,8 +170,15 @@ class Recipe:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     options: dict = field(default_factory=dict)
     adapter: AdapterConfig | None = None  # low-rank adapters fitted on each linear's compression error
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    overrides: tuple = ()  # per-linear changes, see the class docstring
 
     def __post_init__(self):
+        if isinstance(self.overrides, (str, dict)) or not isinstance(self.overrides, (list, tuple)):
+            raise RecipeError("overrides must be a list of mappings like {match: '*.down_proj', pattern: dense}")
+        object.__setattr__(self, "overrides", tuple(_check_override(o, i) for i, o in enumerate(self.overrides)))
+        if not isinstance(self.recovery, RecoveryConfig):
+            raise RecipeError(f"recovery must be a RecoveryConfig (a mapping in YAML), got {self.recovery!r}")
         sparsity = SparsitySpec.parse(self.pattern)  # raises on a bad pattern
         if not sparsity.is_dense and self.method not in PRUNERS:
             raise RecipeError(f"unknown pruning method {self.method!r}; available: {', '.join(sorted(PRUNERS))}")
@@ -116,10 +216,30 @@ class Recipe:
         )
 
     def plan_for(self, linear_name: str) -> LinearPlan | None:
-        """The plan for one linear, or None when a skip pattern leaves it untouched."""
+        """The plan for one linear, or None when it stays untouched (a skip pattern, or overrides
+        that leave it dense and unquantized)."""
         if any(fnmatch.fnmatch(linear_name, pat) for pat in self.skip):
             return None
-        return self.plan()
+        matching = [o for o in self.overrides if fnmatch.fnmatch(linear_name, o["match"])]
+        if not matching:
+            return self.plan()
+        fields = {"method": self.method, "pattern": self.pattern, "quant": self.quant, "joint": self.joint,
+                  "options": dict(self.options)}
+        for o in matching:
+            for key in ("method", "pattern", "joint"):
+                if key in o:
+                    fields[key] = o[key]
+            if "quant" in o:
+                fields["quant"] = None if o["quant"] is None else replace(fields["quant"] or QuantConfig(), **o["quant"])
+            if "options" in o:
+                fields["options"] = {**fields["options"], **o["options"]}
+        if SparsitySpec.parse(fields["pattern"]).is_dense and fields["quant"] is None:
+            return None
+        try:
+            sub = replace(self, **fields, overrides=(), skip=())
+        except RecipeError as exc:
+            raise RecipeError(f"overrides for {linear_name}: {exc}") from None
+        return sub.plan()
 
     # -- description ------------------------------------------------------------------------
     def describe(self) -> dict[str, str]:
@@ -134,6 +254,7 @@ class Recipe:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["skip"] = list(self.skip)
+        d["overrides"] = [dict(o) for o in self.overrides]
         return d
 
     @classmethod
@@ -148,6 +269,10 @@ class Recipe:
                 d["quant"] = QuantConfig(**d["quant"])
             if "calibration" in d:
                 d["calibration"] = CalibrationConfig(**d["calibration"])
+            if "recovery" in d:
+                if not isinstance(d["recovery"] or {}, dict):
+                    raise RecipeError(f"recipe section recovery must be a mapping, got {d['recovery']!r}")
+                d["recovery"] = RecoveryConfig(**(d["recovery"] or {}))
             if d.get("adapter") is not None:
                 if not isinstance(d["adapter"], dict):
                     raise RecipeError(f"recipe section adapter must be a mapping (rank, bits, ...), got {d['adapter']!r}")
@@ -156,6 +281,8 @@ class Recipe:
             raise RecipeError(f"bad recipe section: {exc}") from None
         if "skip" in d:
             d["skip"] = tuple(d["skip"] or ())
+        if isinstance(d.get("overrides"), list) or d.get("overrides", ()) is None:
+            d["overrides"] = tuple(d["overrides"] or ())
         return cls(**d)
 
     def to_yaml(self) -> str:

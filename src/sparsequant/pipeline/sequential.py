@@ -10,6 +10,7 @@ already compressed. Memory holds one layer, its statistics and the calibration h
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -22,8 +23,10 @@ from ..checkpoint.packed import PackedWeight
 from ..models.families import decoder_layers, family_of, layer_linears, layers_prefix
 from ..recipe import Recipe
 from ..solvers import compress_weight
+from ..solvers.base import CompressedWeight
 from .capture import LayerInputs, capture_layer_inputs, layer_output, move_kwargs
 from .stats import StatsHooks, input_groups
+from .variance_correction import MomentHooks, correct, set_bias
 
 ERROR_TOKENS = 2048  # inputs kept per linear to measure its exact output error
 
@@ -43,6 +46,7 @@ class LayerReport:
     index: int
     rel_error: float  # ||Y - Y'|| / ||Y|| of the whole decoder layer on calibration inputs
     seconds: float
+    recovery: dict = field(default_factory=dict)  # blockwise fine-tuning: loss before/after, steps
 
 
 @dataclass
@@ -82,9 +86,12 @@ class _InputSampler:
         return torch.cat(self.rows[name])
 
 
-def _rel_error(w: torch.Tensor, w_new: torch.Tensor, x: torch.Tensor) -> float:
+def _rel_error(w: torch.Tensor, w_new: torch.Tensor, x: torch.Tensor, bias_change: torch.Tensor | None = None) -> float:
     ref = x @ w.float().T
-    return float((x @ (w.float() - w_new.float()).T).norm() / ref.norm().clamp_min(1e-30))
+    err = x @ (w.float() - w_new.float()).T
+    if bias_change is not None:  # variance correction adds or changes a bias
+        err = err - bias_change.float()
+    return float(err.norm() / ref.norm().clamp_min(1e-30))
 
 
 def storage_dtype_for(model: nn.Module) -> torch.dtype:
@@ -141,12 +148,15 @@ def compress_model(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor, *,
         else:
             groups = [list(targets)]
         dense_out: list[torch.Tensor] | None = None
+        vc_mode = recipe.recovery.variance_mode
+        layer_cws: dict[str, CompressedWeight] = {}  # for blockwise fine-tuning
         for gi, group in enumerate(groups):
             group_linears = {n: targets[n] for n in group}
             hessian_for = {n for n in group if plans[n].needs_hessian}
             sampler = _InputSampler(group_linears)
+            moments = MomentHooks(group_linears) if vc_mode else contextlib.nullcontext()
             try:
-                with StatsHooks(group_linears, hessian_for, device) as hooks:
+                with StatsHooks(group_linears, hessian_for, device) as hooks, moments:
                     outs = [layer_output(layer, h.to(device), kw).to(store) for h, kw in zip(hidden, kwargs)]
             finally:
                 sampler.remove()
@@ -160,14 +170,26 @@ def compress_model(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor, *,
                 info: dict = {}
                 w_old = lin.weight.detach().clone()
                 cw = compress_weight(lin.weight.detach(), stats[name], plans[name], storage_dtype, info=info)
+                b_old = None if lin.bias is None else lin.bias.detach().float().clone()
+                if vc_mode:
+                    mean_x, cov_x = moments.mean_cov(name)
+                    cw, b_new, info["variance_correction"] = correct(w_old, b_old, cw, mean_x, cov_x, vc_mode,
+                                                                     storage_dtype)
+                    set_bias(lin, b_new)
+                layer_cws[name] = cw
                 lin.weight.data.copy_(cw.effective_weight().to(lin.weight.dtype))
                 pw = PackedWeight.from_compressed(cw, storage_dtype)
                 packed[full] = dataclasses.replace(pw, tensors={k: v.cpu() for k, v in pw.tensors.items()})
                 seconds = time.perf_counter() - t0
-                err = _rel_error(w_old, lin.weight.detach(), sampler.sample(name).to(device))
+                bias_change = None if lin.bias is None else lin.bias.detach().float() - (0 if b_old is None else b_old)
+                err = _rel_error(w_old, lin.weight.detach(), sampler.sample(name).to(device), bias_change)
                 linear_reports.append(LinearReport(full, cw.shape, err, seconds, pw.bits_per_weight(),
                                                    _flat_info(info)))
             del stats, hooks
+        recovery: dict = {}
+        if recipe.recovery.finetune_steps > 0 and layer_cws:
+            recovery = _finetune_layer(layer, targets, layer_cws, hidden, dense_out, kwargs, recipe, storage_dtype,
+                                       device, progress, index, packed, f"{prefix}.{index}")
         if dense_out is None:  # nothing to compress in this layer
             dense_out = [layer_output(layer, h.to(device), kw).to(store) for h, kw in zip(hidden, kwargs)]
             hidden_next = dense_out
@@ -179,13 +201,31 @@ def compress_model(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor, *,
         hidden = hidden_next
         if offload:
             layer.to(home)
-        layer_reports.append(LayerReport(index, layer_err, time.perf_counter() - t_layer))
+        layer_reports.append(LayerReport(index, layer_err, time.perf_counter() - t_layer, recovery))
         bar.set_postfix_str(f"layer {index} rel.err {layer_err:.4f}")
         bar.update(1)
     bar.close()
     round_uncompressed_to_storage(model, set(packed), storage_dtype)
     return CompressionResult(model, recipe, packed, linear_reports, layer_reports, storage_dtype,
                              time.perf_counter() - t_start)
+
+
+def _finetune_layer(layer, targets, layer_cws, hidden, dense_out, kwargs, recipe, storage_dtype, device, progress,
+                    index, packed, layer_prefix) -> dict:
+    """Blockwise fine-tuning of one compressed layer; repacks what changed; returns its report."""
+    from .block_finetune import finetune_block
+
+    rec = recipe.recovery
+    ft = finetune_block(layer, {n: targets[n] for n in layer_cws}, layer_cws, hidden, dense_out, kwargs,
+                        steps=rec.finetune_steps, lr=rec.finetune_lr, windows_per_step=rec.finetune_batch,
+                        storage_dtype=storage_dtype, device=device, progress=progress,
+                        desc=f"finetune layer {index}")
+    if ft.kept:
+        for name, cw in ft.weights.items():
+            pw = PackedWeight.from_compressed(cw, storage_dtype)
+            packed[f"{layer_prefix}.{name}"] = dataclasses.replace(pw, tensors={k: v.cpu() for k, v in pw.tensors.items()})
+    return {"finetune_steps": ft.steps, "finetune_mse_before": ft.loss_before, "finetune_mse_after": ft.loss_after,
+            "finetune_rel_before": ft.rel_before, "finetune_rel_after": ft.rel_after, "finetune_kept": ft.kept}
 
 
 def _move_except(model: nn.Module, layers: nn.ModuleList, device) -> None:
