@@ -235,6 +235,11 @@ def _guarded(fn, name, batch, p, device, need: int | None) -> BenchRow:
         row = fn()
     except torch.OutOfMemoryError:
         row = BenchRow(name, batch, p, note="skipped: out of memory")
+    except Exception as exc:  # one failing configuration must not lose the others' numbers
+        import traceback
+
+        traceback.print_exc()
+        row = BenchRow(name, batch, p, note=f"error: {type(exc).__name__}: {str(exc)[:160]}")
     finally:
         _cleanup(device)
     if device.type == "cuda" and row.prefill_ms is not None:

@@ -49,7 +49,9 @@ class DecodeEngine:
         if limit is not None and max_len > limit:
             raise SparseQuantError(f"prompt + new tokens = {max_len} exceeds the model's "
                                    f"max_position_embeddings ({limit})")
-        self.batch_size, self.max_len = int(batch_size), int(max_len)
+        # Whole multiples of 16 slots: the fused attention kernels want 16-element-aligned mask rows.
+        padded = -(-int(max_len) // 16) * 16
+        self.batch_size, self.max_len = int(batch_size), padded if limit is None or padded <= limit else int(max_len)
         self.use_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.use_graph and self.device.type != "cuda":
             raise SparseQuantError("CUDA graphs need a model on a CUDA device")
@@ -63,7 +65,6 @@ class DecodeEngine:
         self._graph = None
         self._graph_logits = None
         self._prefill_graphs: dict[int, tuple] = {}
-        self._pool = None
 
     # -- the forward passes -----------------------------------------------------------------
     def _forward(self, ids, positions, slots) -> torch.Tensor:
@@ -150,15 +151,14 @@ class DecodeEngine:
             for _ in range(2):
                 fn()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+        # Each graph gets its own memory pool: graphs sharing one may only be replayed in capture
+        # order, and a prefill replayed after the decode graph was captured would break that.
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool):
+        with torch.cuda.graph(g):
             out = fn()
         return g, out
 
     def release_graphs(self) -> None:
-        """Drop the captured graphs and their memory pool (the engine stays usable; it recaptures)."""
+        """Drop the captured graphs and their memory pools (the engine stays usable; it recaptures)."""
         self._graph = self._graph_logits = None
         self._prefill_graphs.clear()
-        self._pool = None
