@@ -197,8 +197,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hf-tokens", type=int, default=8)
-    p.add_argument("--budget-s", type=float, default=330.0,
-                   help="timing phase: no new measurement starts after this many seconds (default 330)")
+    p.add_argument("--budget-s", type=float, default=300.0,
+                   help="timing phase: no new measurement starts after this many seconds (default 300)")
     p.add_argument("--no-fp8", action="store_true")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--skip-correctness", action="store_true")
