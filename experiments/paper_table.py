@@ -15,21 +15,39 @@ with whole validation splits.
 from __future__ import annotations
 
 import argparse
+import json
+import time
 from pathlib import Path
 
 from sparsequant.cli import main as cli
 
 TASKS = "arc_challenge,arc_easy,piqa,winogrande"
-ROWS = {
+R = "experiments/recipes/"
+ROWS = {  # in the order a time-limited run takes them
+    "24-w4-sparsegpt": ["--recipe", "2:4-w4a16-sparsegpt"],
+    "24-w4-sparsegpt-slim": ["--recipe", "2:4-w4a16-sparsegpt-slim"],
+    "24-w4-sparsegpt-slim-q4": ["--recipe", "2:4-w4a16-sparsegpt-slim-q4"],
     "w4-gptq-g128": ["--recipe", "w4a16-gptq"],
     "w2-gptq-g64": ["--recipe", "w4a16-gptq", "--bits", "2", "--group-size", "64"],
     "50pct-w4-sparsegpt": ["--recipe", "50%-w4a16-sparsegpt"],
-    "24-w4-sparsegpt": ["--recipe", "2:4-w4a16-sparsegpt"],
     "w2-gptq-g16": ["--recipe", "w4a16-gptq", "--bits", "2", "--group-size", "16"],
-    "24-w4-sparsegpt-slim": ["--recipe", "2:4-w4a16-sparsegpt-slim"],
-    "24-w4-sparsegpt-slim-q4": ["--recipe", "2:4-w4a16-sparsegpt-slim-q4"],
+    "24-w4pc-sparsegpt": ["--recipe", "2:4-w4a16-sparsegpt", "--group-size", "0"],
+    "24-w4-sparsegpt-vcft": ["--recipe", R + "24-w4-sparsegpt-vcft.yaml"],
+    "hybrid25-w4-sparsegpt": ["--recipe", "2:4-w4a16-sparsegpt", "--pattern", "hybrid:25%"],
+    "hybrid35-w4-sparsegpt": ["--recipe", "2:4-w4a16-sparsegpt", "--pattern", "hybrid:35%"],
+    "24-w4pc-sparsegpt-vcft": ["--recipe", R + "24-w4pc-sparsegpt-vcft.yaml"],
+    "24-w4-sparsegpt-slim-q4-vcft": ["--recipe", R + "24-w4-sparsegpt-slim-q4-vcft.yaml"],
+    "w2-gptq-g128": ["--recipe", "w4a16-gptq", "--bits", "2", "--group-size", "128"],
+    "hybrid45-w4-sparsegpt": ["--recipe", "2:4-w4a16-sparsegpt", "--pattern", "hybrid:45%"],
+    "24o8-w4-sparsegpt": ["--recipe", "2:4-w4a16-sparsegpt", "--pattern", "2:4+8/256"],
 }
 CORE_ROWS = ["w4-gptq-g128", "w2-gptq-g64", "50pct-w4-sparsegpt", "24-w4-sparsegpt"]
+
+
+def _run(argv: list[str]) -> None:
+    code = cli(argv)
+    if code:
+        raise RuntimeError(f"sparsequant {' '.join(argv)} exited with {code}")
 
 
 def main():
@@ -38,14 +56,26 @@ def main():
     ap.add_argument("--limit", type=int, default=None, help="items per task (default: whole validation split)")
     ap.add_argument("--rows", default=",".join(CORE_ROWS),
                     help=f"comma-separated rows, or 'all' ({', '.join(ROWS)})")
+    ap.add_argument("--recipe-row", action="append", default=[], metavar="NAME=RECIPE",
+                    help="an extra row compressed with a preset or YAML recipe (repeatable)")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="start no new row after this many seconds (the report covers the rows done)")
+    ap.add_argument("--keep-going", action="store_true", help="record a failing row and go on")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     args = ap.parse_args()
+    t_start = time.perf_counter()
     out = Path(args.out)
     limit = [] if args.limit is None else ["--limit", str(args.limit)]
     threads = [] if args.threads is None else ["--threads", str(args.threads)]
     threads += [] if args.device is None else ["--device", args.device]
     rows = list(ROWS) if args.rows == "all" else args.rows.split(",")
+    for spec in args.recipe_row:
+        name, _, recipe = spec.partition("=")
+        if not name or not recipe:
+            raise SystemExit(f"--recipe-row wants NAME=RECIPE, got {spec!r}")
+        ROWS[name] = ["--recipe", recipe]
+        rows.append(name)
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
@@ -56,8 +86,6 @@ def main():
     dense = out / "dense"
     if not (dense / "eval.json").is_file():
         # the uncompressed model: evaluated as is, results saved as a pseudo run folder
-        import json
-
         from sparsequant.cli import DEFAULT_EVAL_SEQ_LEN, DEFAULT_EVAL_WINDOWS
         from sparsequant.data.windows import evaluation_windows
         from sparsequant.eval.perplexity import perplexity
@@ -75,13 +103,30 @@ def main():
                            "windows": DEFAULT_EVAL_WINDOWS},
                    "tasks": evaluate(model, tok, TASKS, limit=args.limit)}
         (dense / "eval.json").write_text(json.dumps(results, indent=2))
+    done, failed = ["dense"], {}
     for name in rows:
+        if args.deadline_s is not None and time.perf_counter() - t_start > args.deadline_s:
+            print(f"paper_table: deadline reached, not starting {name}", flush=True)
+            continue
         folder = out / name
-        if not (folder / "sparsequant.json").is_file():
-            cli(["compress", *ROWS[name], *threads, "--out", str(folder)])
-        if not (folder / "eval.json").is_file():
-            cli(["eval", str(folder), "--ppl", "--tasks", TASKS, *limit, *threads])
-    cli(["report", *[str(out / n) for n in ["dense", *rows]], "--out", str(out / "report")])
+        try:
+            if not (folder / "sparsequant.json").is_file():
+                _run(["compress", *ROWS[name], *threads, "--overwrite", "--out", str(folder)])
+            if not (folder / "eval.json").is_file():
+                _run(["eval", str(folder), "--ppl", "--tasks", TASKS, *limit, *threads])
+            done.append(name)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a failing row must not lose the others
+            if not args.keep_going:
+                raise
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            print(f"paper_table: row {name} failed: {failed[name]}", flush=True)
+        print(f"paper_table: {name} finished at {time.perf_counter() - t_start:.0f} s", flush=True)
+    if failed:
+        (out / "failed.json").write_text(json.dumps(failed, indent=2))
+    try:
+        cli(["report", *[str(out / n) for n in done], "--out", str(out / "report")])
+    except Exception as exc:  # noqa: BLE001 - e.g. no matplotlib on the machine: the folders stay
+        print(f"paper_table: report failed ({exc}); run 'sparsequant report' on the folders", flush=True)
 
 
 if __name__ == "__main__":
