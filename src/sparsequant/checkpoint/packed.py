@@ -20,6 +20,7 @@ the storage dtype, or, quantized, their codes as flat bit streams plus ``adapter
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -114,8 +115,8 @@ class PackedWeight:
 
     def without_adapter(self) -> "PackedWeight":
         """The sparse/quantized part alone (what the GPU kernels compute)."""
-        return PackedWeight(self.shape, self.storage, self.sparsity, self.quant,
-                            {k: v for k, v in self.tensors.items() if not k.startswith(ADAPTER_PREFIX)})
+        return dataclasses.replace(self, adapter=None, tensors={
+            k: v for k, v in self.tensors.items() if not k.startswith(ADAPTER_PREFIX)})
 
     def lowrank(self) -> LowRankAdapter | None:
         """The stored adapter, or None."""
