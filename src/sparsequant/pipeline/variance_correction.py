@@ -214,4 +214,6 @@ class MomentHooks:
         self._current = None
 
     def mean_cov(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in self.moments:
+            raise ValueError(f"linear {name} received no input during calibration; cannot correct its variance")
         return self.moments[name].mean_cov()
