@@ -1,12 +1,14 @@
-"""Time the mma.sp CUDA kernel against cuBLAS fp16, torch._weight_int4pack_mm and our Triton path.
+"""Time the mma.sp CUDA kernels against cuBLAS fp16, torch._weight_int4pack_mm and our Triton path.
 
-    PYTHONPATH=src python benchmarks/bench_mma_sp.py [--tokens 1,16,128,512] [--quick] [--out DIR]
+    PYTHONPATH=src python benchmarks/bench_mma_sp.py [--tokens 1,8,16,32,128,512] [--quick] [--out DIR]
 
 Same method as bench_kernels.py (whose helpers it uses): CUDA-graph replays rotating over enough
 weight copies to exceed 3x L2, median per call; eager call time from a host loop. For every
-(shape, tokens) it times each launch configuration (NT, WR) of the kernel and reports the best
-and the one ``config_for`` picks. Also: the hardware probe of the operand placement, and the GPU
-pack (``pack_nm24_rtn``) time for LLaMA-2-7B's linears. Prints a table last, JSON to $OUT.
+(shape, tokens) it times the tiled kernel as planned (``MmaSpState.plan``) and a sweep of its tile
+configurations and split-K factors (the best is reported beside the planned one), the direct
+kernel at ``config_for``, the Triton path, and ``kernels.linear`` as dispatched. Also: the hardware
+probe of the operand placement and (unless skipped) the GPU pack time for LLaMA-2-7B's linears.
+Prints a table last, JSON to $OUT.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from bench_kernels import SHAPES, clone_layout, copies_for, int4pack_baseline, l
 
 from sparsequant import kernels  # noqa: E402
 from sparsequant.kernels import cuda_build  # noqa: E402
-from sparsequant.kernels.mma_sp import MmaSpState, config_for, expected_probe, probe  # noqa: E402
+from sparsequant.kernels.mma_sp import MmaSpState, expected_probe, n_tiles, probe  # noqa: E402
 from sparsequant.kernels.testing import random_packed24  # noqa: E402
 
 LLAMA2_7B_LINEARS = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
@@ -42,10 +44,10 @@ def clone_mma(st):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", default="1,16,128,512")
+    ap.add_argument("--tokens", default="1,8,16,32,128,512")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/bench"))
-    ap.add_argument("--skip", default="", help="comma list of: pack, baselines, sweep")
+    ap.add_argument("--skip", default="", help="comma list of: pack, baselines, sweep, direct")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     dev = torch.device("cuda")
@@ -76,7 +78,12 @@ def main():
         nc = copies_for(base.layout.nbytes())
         states = [base] + [clone_mma(base) for _ in range(nc - 1)]
         tri = kernels.Nm24State(pk, dev, torch.float16)
-        tris = [tri] + [kernels.Nm24State.from_layout(clone_layout(tri.layout), torch.float16) for _ in range(nc - 1)]
+        disp = [tri] + [kernels.Nm24State.from_layout(clone_layout(tri.layout), torch.float16) for _ in range(nc - 1)]
+        for d, st_ in zip(disp, states):
+            d.mma = st_  # kernels.linear as dispatched, on the rotated copies
+        tris = [copy.copy(d) for d in disp]
+        for t_ in tris:
+            t_.mma = None  # the Triton paths alone
         if "baselines" not in skip:
             wd = torch.randn(n, k, device=dev, dtype=torch.float16)
             wds = [wd] + [wd.clone() for _ in range(copies_for(wd.numel() * 2) - 1)]
@@ -85,26 +92,37 @@ def main():
         for m in tokens:
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             row = {"shape": [n, k], "tokens": m}
-            cfgs = {}
-            nt0, wr0 = config_for(m, base.layout.rt)
-            sweep = [(nt0, wr0)] if "sweep" in skip else sorted({(nt0, w) for w in (1, 2, 4, 8)} | {(nt0, wr0)})
-            for (nt, wr) in sweep:
-                cfgs[f"{nt},{wr}"] = time_graph([lambda s=s, nt=nt, wr=wr: s(x, nt=nt, wr=wr) for s in states])
-            row["mma_cfgs"] = cfgs
-            row["mma_auto"] = cfgs[f"{nt0},{wr0}"]
-            row["mma_best"] = min(cfgs.values())
-            row["mma_best_cfg"] = min(cfgs, key=cfgs.get)
+            tile0, split0 = base.plan(m)
+            cfgs = {f"t{tile0}s{split0}": time_graph([lambda s=s: s(x) for s in states])}
+            if "sweep" not in skip:
+                # Tiles by index (mma_sp_tiled.cu): 0/3 = 8 tokens per block (4/8 stages), 1/4 = 16, 2/5 = 64.
+                cand = {0, 3} if m < 16 else {0, 3, 1, 4} if m <= 32 else {2, 5}
+                for tile in sorted(cand & set(range(n_tiles()))):
+                    t_, sp_auto = base.plan(m, tile)
+                    for sp in sorted({sp_auto, min(2 * sp_auto, base.layout.s), max(1, sp_auto // 2)}):
+                        key = f"t{tile}s{sp}"
+                        if key not in cfgs:
+                            cfgs[key] = time_graph([lambda s=s, tile=tile, sp=sp: s(x, tile=tile, splits=sp) for s in states])
+            row["tiled_cfgs"] = cfgs
+            row["tiled_auto"] = cfgs[f"t{tile0}s{split0}"]
+            row["tiled_auto_cfg"] = f"t{tile0}s{split0}"
+            row["tiled_best"] = min(cfgs.values())
+            row["tiled_best_cfg"] = min(cfgs, key=cfgs.get)
+            if "direct" not in skip and m <= 64:
+                row["direct"] = time_graph([lambda s=s: s.direct(x) for s in states])
             row["triton"] = time_graph([lambda s=s: s(x) for s in tris])
-            if m == 1:
-                row["mma_eager"] = time_eager([lambda s=s: s(x) for s in states])
+            row["dispatch"] = time_graph([lambda s=s: s(x) for s in disp])
+            if m in (1, 16):
+                row["tiled_eager"] = time_eager([lambda s=s: s(x) for s in states])
             if "baselines" not in skip:
                 row["fp16"] = time_graph([lambda w=w: F.linear(x, w) for w in wds])
                 if i4s is not None:
                     xb = x.to(torch.bfloat16)
                     row["int4pack"] = time_graph([lambda p=p: torch._weight_int4pack_mm(xb, p[0], 128, p[1]) for p in i4s])
             res["timing"].append(row)
-            log(f"{n}x{k} m={m}: mma auto {row['mma_auto']:.1f} best {row['mma_best']:.1f} ({row['mma_best_cfg']}) "
-                f"triton {row['triton']:.1f} fp16 {row.get('fp16', float('nan')):.1f} "
+            log(f"{n}x{k} m={m}: tiled auto {row['tiled_auto']:.1f} ({row['tiled_auto_cfg']}) best {row['tiled_best']:.1f} "
+                f"({row['tiled_best_cfg']}) direct {row.get('direct', float('nan')):.1f} triton {row['triton']:.1f} "
+                f"dispatch {row['dispatch']:.1f} fp16 {row.get('fp16', float('nan')):.1f} "
                 f"int4pack {row.get('int4pack', float('nan')):.1f}  cfgs {json.dumps({c: round(v, 1) for c, v in cfgs.items()})}")
         del states, tris
         torch.cuda.empty_cache()
@@ -130,24 +148,24 @@ def main():
     with open(os.path.join(args.out, "mma_sp.json"), "w") as f:
         json.dump(res, f, indent=1)
 
-    log("\n| shape | tokens | mma.sp auto / best (cfg) | triton | cuBLAS fp16 | int4pack | vs fp16 | vs int4pack |")
-    log("|---|---|---|---|---|---|---|---|")
+    log("\n| shape | tokens | tiled auto (cfg) | tiled best (cfg) | direct | triton | dispatch | cuBLAS fp16 | int4pack | dispatch vs fp16 |")
+    log("|---|---|---|---|---|---|---|---|---|---|")
     for r in res["timing"]:
-        vs16 = r.get("fp16", float("nan")) / r["mma_auto"]
-        vs4 = r.get("int4pack", float("nan")) / r["mma_auto"]
-        log(f"| {r['shape'][0]}x{r['shape'][1]} | {r['tokens']} | {r['mma_auto']:.1f} / {r['mma_best']:.1f} ({r['mma_best_cfg']}) "
-            f"| {r['triton']:.1f} | {r.get('fp16', float('nan')):.1f} | {r.get('int4pack', float('nan')):.1f} | {vs16:.2f}x | {vs4:.2f}x |")
+        log(f"| {r['shape'][0]}x{r['shape'][1]} | {r['tokens']} | {r['tiled_auto']:.1f} ({r['tiled_auto_cfg']}) "
+            f"| {r['tiled_best']:.1f} ({r['tiled_best_cfg']}) | {r.get('direct', float('nan')):.1f} | {r['triton']:.1f} "
+            f"| {r['dispatch']:.1f} | {r.get('fp16', float('nan')):.1f} | {r.get('int4pack', float('nan')):.1f} "
+            f"| {r.get('fp16', float('nan')) / r['dispatch']:.2f}x |")
+
+    def gmean(rows, num, den):
+        rows = [r for r in rows if num in r and den in r]
+        return math.exp(sum(math.log(r[num] / r[den]) for r in rows) / len(rows)) if rows else float("nan")
+
     for m in tokens:
-        rows = [r for r in res["timing"] if r["tokens"] == m and "fp16" in r]
-        if rows:
-            gm = math.exp(sum(math.log(r["fp16"] / r["mma_auto"]) for r in rows) / len(rows))
-            gb = math.exp(sum(math.log(r["fp16"] / r["mma_best"]) for r in rows) / len(rows))
-            line = f"tokens {m}: geomean vs fp16 {gm:.2f}x (best cfg {gb:.2f}x)"
-            r4 = [r for r in rows if "int4pack" in r]
-            if r4:
-                g4 = math.exp(sum(math.log(r["int4pack"] / r["mma_auto"]) for r in r4) / len(r4))
-                line += f", vs int4pack {g4:.2f}x"
-            log(line)
+        rows = [r for r in res["timing"] if r["tokens"] == m]
+        log(f"tokens {m}: geomean vs fp16: dispatch {gmean(rows, 'fp16', 'dispatch'):.2f}x, tiled auto "
+            f"{gmean(rows, 'fp16', 'tiled_auto'):.2f}x, tiled best {gmean(rows, 'fp16', 'tiled_best'):.2f}x, direct "
+            f"{gmean(rows, 'fp16', 'direct'):.2f}x, triton {gmean(rows, 'fp16', 'triton'):.2f}x; dispatch vs int4pack "
+            f"{gmean(rows, 'int4pack', 'dispatch'):.2f}x")
 
 
 if __name__ == "__main__":

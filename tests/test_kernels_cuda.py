@@ -71,14 +71,48 @@ def test_probe_matches_layout_assumptions():
 
 CASES = [  # n, k, bits, group
     (16, 128, 4, 128), (48, 256, 4, 32), (40, 264, 8, 64), (100, 1000, 4, None), (257, 520, 8, 256),
-    (4096, 4096, 4, 128), (11008, 4096, 4, 128), (4096, 11008, 8, 128), (333, 4096, 4, 64),
+    (4096, 4096, 4, 128), (11008, 4096, 4, 128), (4096, 11008, 8, 128), (333, 4096, 4, 64), (130, 136, 8, 32),
 ]
+TOKENS = (1, 2, 5, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 127, 128, 129, 255, 300, 512)
+
+
+def _tol(dtype):
+    # Error = the weight and the output rounded to the activation type (products exact, fp32 sums).
+    return 2e-3 if dtype == torch.float16 else 1e-2
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,bits,group", CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kernel_matches_reference(n, k, bits, group, dtype):
+def test_tiled_kernel_matches_reference(n, k, bits, group, dtype):
+    """Every tile configuration, automatic and forced split-K, NaN-poisoned outputs, 1..512 tokens."""
+    if not _hopper():
+        pytest.skip("needs sm_90")
+    from sparsequant.kernels.mma_sp import MmaSpState, n_tiles
+
+    seed = int(torch.randint(0, 10**6, (1,)))
+    pk = random_packed24(n, k, bits, group, device="cuda", seed=seed)
+    w = reference.dequantize_nm24(pk).double()
+    st_ = MmaSpState(pk, "cuda", dtype)
+    big = n * k > 10**7
+    for m in (TOKENS[::3] + (512,)) if big else TOKENS:
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        ref = x.double() @ w.t()
+        for tile in range(n_tiles()):
+            for splits in {None, 1, min(3, st_.layout.s), st_.layout.s} if not big else {None, 1}:
+                out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+                y = st_(x, out=out, tile=tile, splits=splits)
+                assert y.data_ptr() == out.data_ptr()
+                assert bool(torch.isfinite(y).all()), (m, tile, splits, seed)
+                assert rel(y, ref) < _tol(dtype), (m, tile, splits, rel(y, ref), seed)
+    torch.cuda.synchronize()
+    assert int(st_.cnt.abs().sum()) == 0  # every split-K counter reset by its tile's last block
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,bits,group", CASES[:5] + CASES[-1:])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_direct_kernel_matches_reference(n, k, bits, group, dtype):
     if not _hopper():
         pytest.skip("needs sm_90")
     from sparsequant.kernels.mma_sp import MmaSpState, config_for
@@ -94,14 +128,52 @@ def test_kernel_matches_reference(n, k, bits, group, dtype):
         nt, wr = config_for(m, st_.layout.rt)
         for cfg in {(nt, wr), (nt, 1), (1, 8), (8, 2)}:
             out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-            y = st_(x, nt=cfg[0], wr=cfg[1], out=out)
+            y = st_.direct(x, nt=cfg[0], wr=cfg[1], out=out)
             assert bool(torch.isfinite(y).all()), (m, cfg, seed)
             # Rounding of the output to fp16/bf16 is the only error: products are exact, fp32 sums.
             assert rel(y, ref) < tol, (m, cfg, rel(y, ref), seed)
 
 
 @pytest.mark.gpu
-def test_kernel_in_cuda_graph_and_strided_input():
+def test_tiled_split_k_is_deterministic():
+    if not _hopper():
+        pytest.skip("needs sm_90")
+    from sparsequant.kernels.mma_sp import MmaSpState
+
+    pk = random_packed24(1000, 2048, 4, 128, device="cuda", seed=3)
+    st_ = MmaSpState(pk, "cuda", torch.float16)
+    for m in (1, 24, 200):
+        x = torch.randn(m, 2048, device="cuda").half()
+        ys = [st_(x, splits=5) for _ in range(3)]
+        assert all(torch.equal(ys[0], y) for y in ys[1:]), m  # partials summed in split order
+        assert torch.equal(st_(x, splits=1), st_(x, splits=1))
+
+
+@pytest.mark.gpu
+def test_tiled_refuses_bad_input():
+    if not _hopper():
+        pytest.skip("needs sm_90")
+    from sparsequant.kernels.mma_sp import MmaSpState
+
+    st_ = MmaSpState(random_packed24(64, 256, 4, 128, device="cuda", seed=1), "cuda", torch.float16)
+    with pytest.raises(ValueError):
+        st_(torch.randn(2, 128, device="cuda").half())
+    with pytest.raises(TypeError):
+        st_(torch.randn(2, 256, device="cuda").bfloat16())
+    with pytest.raises(ValueError):
+        st_(torch.randn(2, 256, device="cuda").half(), splits=st_.layout.s + 1)
+    with pytest.raises(ValueError):
+        st_(torch.randn(2, 256, device="cuda").half(), tile=99)
+    # Unaligned input (a view starting 2 bytes in) is copied, not misread.
+    base = torch.randn(2 * 256 + 1, device="cuda").half()
+    x = base[1:].view(2, 256)
+    w = reference.dequantize_nm24(random_packed24(64, 256, 4, 128, device="cuda", seed=1)).double()
+    assert rel(st_(x), x.double() @ w.t()) < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [3, 40, 200])
+def test_kernel_in_cuda_graph_and_strided_input(m):
     if not _hopper():
         pytest.skip("needs sm_90")
     from sparsequant.kernels.mma_sp import MmaSpState
@@ -109,22 +181,38 @@ def test_kernel_in_cuda_graph_and_strided_input():
     pk = random_packed24(512, 1024, 4, 128, device="cuda", seed=5)
     st_ = MmaSpState(pk, "cuda", torch.float16)
     w = reference.dequantize_nm24(pk).double()
-    x = torch.randn(3, 2048, device="cuda").half()[:, ::2]  # not contiguous
+    x = torch.randn(m, 2048, device="cuda").half()[:, ::2]  # not contiguous
     y0 = st_(x)
     assert rel(y0, x.double() @ w.t()) < 2e-3
+    assert st_.plan(m)[1] > 1  # 4 row blocks, 8 K steps: split-K runs inside the graph too
     g = torch.cuda.CUDAGraph()
     static_x = x.contiguous()
+    st_(static_x)  # warm (plan cached outside capture)
     with torch.cuda.graph(g):
         y = st_(static_x)
-    static_x.copy_(torch.randn(3, 1024, device="cuda").half())
-    g.replay()
-    torch.cuda.synchronize()
-    assert rel(y, static_x.double() @ w.t()) < 2e-3
+        y2 = st_.direct(static_x)
+    for _ in range(2):
+        static_x.copy_(torch.randn(m, 1024, device="cuda").half())
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel(y, static_x.double() @ w.t()) < 2e-3
+        assert rel(y2, static_x.double() @ w.t()) < 2e-3
+
+
+def test_choose_splits_fills_one_wave():
+    from sparsequant.kernels.mma_sp import choose_splits
+
+    assert choose_splits(64, 528, 16) == 8
+    assert choose_splits(172, 528, 16) == 3
+    assert choose_splits(1000, 132, 16) == 1  # enough tiles already
+    assert choose_splits(32, 528, 16) == 16  # capped
+    assert choose_splits(4, 132, 8) == 8  # capped by the K steps
+    assert choose_splits(0, 132, 8) == 8
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_dispatch_uses_mma_sp_for_few_tokens(dtype):
+def test_dispatch_uses_mma_sp(dtype):
     if not _hopper():
         pytest.skip("needs sm_90")
     from sparsequant import kernels
@@ -133,7 +221,7 @@ def test_dispatch_uses_mma_sp_for_few_tokens(dtype):
     state = kernels.prepare(pk, "cuda", dtype)
     assert state.mma is not None
     w = reference.dequantize_nm24(pk).double()
-    for m in (1, 2, 5, 16, 17, 40):
+    for m in (1, 2, 5, 16, 17, 40, 130, 600):
         x = torch.randn(2, m, 520, device="cuda").to(dtype)
         y = kernels.linear(x, state)
         assert y.shape == (2, m, 300)

@@ -6,8 +6,9 @@ supports its format on ``device`` (or None: the caller then uses the reference p
 
 What runs where (see docs/kernels.md):
 - 'nm24' symmetric int4/int8 codes, group 32/64/a multiple of 128/per channel, on a Hopper GPU
-  (sm_90), ``MMA_SP_TOKENS`` (2-16) tokens: the sparse-tensor-core CUDA kernel (``mma_sp.py``,
-  compiled with nvcc on first use; if that fails, a warning and the Triton paths below).
+  (sm_90): the sparse-tensor-core CUDA kernels (``mma_sp.py``, compiled with nvcc on first use; if
+  that fails, a warning and the Triton paths below): the tiled kernel from 2 to 32 tokens, and
+  from 33 to 128 tokens on weights of at least 32M entries (``MMA_SP_*`` below).
 - 'nm24' int4/int8 codes, group size a multiple of 32 or per channel, float16/bfloat16
   activations on CUDA: the Triton decode kernel up to ``DECODE_MAX_TOKENS`` tokens (its fp16 path
   is inline PTX); above that either the Triton prefill kernel (tiles expanded in registers +
@@ -27,10 +28,17 @@ from . import reference  # noqa: F401  (part of the public kernel API)
 
 #: Largest token count sent to the decode kernel (measured crossover on an H100: 8 to 16).
 DECODE_MAX_TOKENS = 8
-#: Token counts sent to the sparse-tensor-core CUDA kernel (mma_sp.py) when it is available:
-#: measured on an H100 (BENCHMARKS.md) faster than every Triton path from 2 to 16 tokens
-#: (16 tokens: 14-47 us vs 24-99 us), slower at 1 token and from 32 tokens on.
-MMA_SP_TOKENS = (2, 16)
+#: Token counts sent to the tiled sparse-tensor-core CUDA kernel (mma_sp.py) when it is available.
+#: Measured on an H100 (BENCHMARKS.md, '## GPU kernels', run 15): 1 token: the Triton decode kernel
+#: is faster (2.71x cuBLAS fp16 vs 2.32x); 2-32 tokens the tiled kernel beats every other path
+#: (8 tokens 1.85x fp16 vs 1.60x for the direct mma.sp kernel; 32 tokens 0.99x vs 0.51x Triton);
+#: above 128 tokens expand + cuBLAS is faster (512 tokens 0.67x vs 0.39x).
+MMA_SP_TOKENS = (2, 128)
+#: From this token count on, the tiled kernel only for weights of at least MMA_SP_LARGE_MIN_WEIGHTS
+#: entries: at 128 tokens it beat expand + cuBLAS on the 11008/14336-wide LLaMA shapes (66-97 vs
+#: 77-106 us) but not on 4096x4096 (43.5 vs 24.5 us).
+MMA_SP_LARGE_TOKENS = 33
+MMA_SP_LARGE_MIN_WEIGHTS = 32 * 2**20
 #: Many-token path: "auto", "expand" (dense buffer + cuBLAS) or "triton" (tl.dot prefill kernel).
 #: "auto" takes the Triton kernel up to 32 tokens on wide outputs (N >= 8192), where it measured
 #: faster than expanding (83 vs 100-131 us at 16 tokens), and expand + cuBLAS everywhere else.
@@ -61,7 +69,8 @@ class Nm24State:
 
         m = x2d.shape[0]
         if self.mma is not None and MMA_SP_TOKENS[0] <= m <= MMA_SP_TOKENS[1]:
-            return self.mma(x2d)
+            if m < MMA_SP_LARGE_TOKENS or self.layout.n * self.layout.k >= MMA_SP_LARGE_MIN_WEIGHTS:
+                return self.mma(x2d)
         if m <= DECODE_MAX_TOKENS:
             return decode_linear(x2d, self.layout, self.workspace)
         if PREFILL_PATH == "triton" or (PREFILL_PATH == "auto" and m <= 32 and self.layout.n >= 8192):

@@ -1,9 +1,10 @@
-"""Compile ``cuda/mma_sp.cu`` on first use and load it with ctypes.
+"""Compile the CUDA sources in ``cuda/`` on first use and load them with ctypes.
 
-The source needs no torch headers (it exports plain C functions taking device pointers and a
-stream), so it is built with one ``nvcc`` call in seconds rather than through
-``torch.utils.cpp_extension`` (a minute for the torch headers), and the library works with any
-torch build. It is cached under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/sparsequant/torch_extensions``
+The sources need no torch headers (they export plain C functions taking device pointers and a
+stream), so they are built with plain ``nvcc`` rather than ``torch.utils.cpp_extension``, and the
+library works with any torch build. Each ``.cu`` is compiled to an object in its own process (in
+parallel: the tiled kernel's 24 instantiations take about two CPU minutes), then one link makes
+the shared library. It is cached under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/sparsequant/torch_extensions``
 (``SPARSEQUANT_CACHE`` overrides the root), named by a hash of the source and the flags, and
 written atomically (compiled to a temporary name, then renamed), so concurrent first uses are safe.
 """
@@ -17,9 +18,12 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
-SOURCE = Path(__file__).parent / "cuda" / "mma_sp.cu"
-FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-shared", "-Xcompiler", "-fPIC",
-         "-cudart", "static"]
+CUDA_DIR = Path(__file__).parent / "cuda"
+SOURCES = [CUDA_DIR / "mma_sp.cu", CUDA_DIR / "mma_sp_tiled.cu"]
+HEADERS = [CUDA_DIR / "mma_sp_common.cuh"]
+ARCH = "-gencode=arch=compute_90a,code=sm_90a"
+COMPILE_FLAGS = ["-O3", "-std=c++17", ARCH, "-Xcompiler", "-fPIC", "-c"]
+LINK_FLAGS = [ARCH, "-shared", "-cudart", "static"]
 
 
 class CudaBuildError(RuntimeError):
@@ -44,7 +48,10 @@ def nvcc_path() -> str:
 
 
 def library_path() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    h = hashlib.sha256(" ".join(COMPILE_FLAGS + LINK_FLAGS).encode())
+    for f in SOURCES + HEADERS:
+        h.update(f.name.encode() + f.read_bytes())
+    digest = h.hexdigest()[:16]
     return cache_dir() / f"sq_mma_sp_{digest}.so"
 
 
@@ -54,15 +61,30 @@ def build() -> Path:
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.so")
-    cmd = [nvcc_path(), *FLAGS, "-o", str(tmp), str(SOURCE)]
+    tag = f"{path.stem}.{os.getpid()}.tmp"
+    objs = [path.with_name(f"{tag}.{src.stem}.o") for src in SOURCES]
+    tmp = path.with_name(f"{tag}.so")
+    nvcc = nvcc_path()
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True)
-    except OSError as exc:
-        raise CudaBuildError(f"could not run nvcc: {exc}") from exc
-    if res.returncode != 0:
+        try:
+            procs = [(subprocess.Popen([nvcc, *COMPILE_FLAGS, "-o", str(o), str(src)], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True), src) for src, o in zip(SOURCES, objs)]
+            errs = [(src, p.communicate()[1], p.returncode) for p, src in procs]
+            for src, err, rc in errs:
+                if rc != 0:
+                    raise CudaBuildError(f"nvcc failed on {src.name}:\n{err[-4000:]}")
+            cmd = [nvcc, *LINK_FLAGS, "-o", str(tmp), *map(str, objs)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as exc:
+            raise CudaBuildError(f"could not run nvcc: {exc}") from exc
+        if res.returncode != 0:
+            raise CudaBuildError(f"nvcc link failed ({' '.join(cmd)}):\n{res.stderr[-4000:]}")
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        raise CudaBuildError(f"nvcc failed ({' '.join(cmd)}):\n{res.stderr[-4000:]}")
+        raise
+    finally:
+        for o in objs:
+            o.unlink(missing_ok=True)
     os.replace(tmp, path)
     return path
 
@@ -73,6 +95,12 @@ def library() -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.sq_mma_sp_linear.argtypes = [p, p, p, p, p, i, i, i, i, i, i, i, i, i, i, i, p]
     lib.sq_mma_sp_linear.restype = i
+    lib.sq_mma_sp_tiled.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, i, i, i, i, i, p]
+    lib.sq_mma_sp_tiled.restype = i
+    lib.sq_mma_sp_tiled_occupancy.argtypes = [i, i, i, i, ctypes.POINTER(i), ctypes.POINTER(i)]
+    lib.sq_mma_sp_tiled_occupancy.restype = i
+    lib.sq_mma_sp_tile_info.argtypes = [i, ctypes.POINTER(i), ctypes.POINTER(i)]
+    lib.sq_mma_sp_tile_info.restype = i
     lib.sq_mma_sp_probe.argtypes = [p, p, p]
     lib.sq_mma_sp_probe.restype = i
     lib.sq_cuda_error_string.argtypes = [i]

@@ -17,12 +17,11 @@
 // fit on the GPU at once, each walking its share of the groups with the weight loads of the next
 // few super-tiles always in flight (a block per group left most SMs waiting on load latency).
 //
-// Built on first use by kernels/cuda_build.py with nvcc -gencode=arch=compute_90a,code=sm_90a and
-// called through ctypes (extern "C" below): no torch headers, so the build takes seconds.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#include <stdint.h>
+// Since the tiled kernel (mma_sp_tiled.cu), which measured faster from 2 tokens on, this one is not
+// dispatched; it stays for comparison (MmaSpState.direct). Built on first use by
+// kernels/cuda_build.py with nvcc
+// -gencode=arch=compute_90a,code=sm_90a and called through ctypes (extern "C" below).
+#include "mma_sp_common.cuh"
 
 namespace {
 
@@ -36,23 +35,6 @@ struct Params {
   void* y;               // [M][N] output, contiguous
   int M, N, K, RT, S, WR;
 };
-
-__device__ __forceinline__ uint32_t lop_and_or(uint32_t a, uint32_t mask, uint32_t magic) {
-  uint32_t r;  // (a & mask) | magic in one instruction
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(mask), "r"(magic));
-  return r;
-}
-
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t r;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
-  return r;
-}
-
-__device__ __forceinline__ uint32_t h2_bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
-__device__ __forceinline__ __half2 bits_h2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
-__device__ __forceinline__ uint32_t b2_bits(__nv_bfloat162 h) { return *reinterpret_cast<uint32_t*>(&h); }
-__device__ __forceinline__ __nv_bfloat162 bits_b2(uint32_t u) { return *reinterpret_cast<__nv_bfloat162*>(&u); }
 
 // A operand registers of one k-tile: reg 0 = row g, chunk tig; reg 1 = row g+8, chunk tig;
 // reg 2 = row g, chunk 4+tig; reg 3 = row g+8, chunk 4+tig (each: the two kept values).
@@ -102,25 +84,6 @@ __device__ __forceinline__ void dequant8(uint32_t w0, uint32_t w1, uint32_t a[4]
       float f1 = __uint_as_float(prmt(src, magic, 0x7441 + b0)) - off;
       a[r] = b2_bits(__floats2bfloat162_rn(f0, f1));
     }
-  }
-}
-
-template <bool BF16, int SEL>
-__device__ __forceinline__ void mma_sp(float c[4], const uint32_t a[4], const uint32_t b[4], uint32_t e) {
-  if constexpr (!BF16) {
-    asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, %13;"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e),
-          "n"(SEL));
-  } else {
-    asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, %13;"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e),
-          "n"(SEL));
   }
 }
 

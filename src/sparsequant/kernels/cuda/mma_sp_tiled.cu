@@ -1,0 +1,450 @@
+// y[M, N] = x[M, K] @ W^T on the sparse tensor cores (mma.sp m16n8k32), with the activations and the
+// weights of each 128-column K step staged in shared memory (Marlin-style), for 1..512+ tokens.
+//
+// Why (benchmarks/KERNEL_NOTES.md): the first kernel (mma_sp.cu) read every B fragment with 32-bit
+// global loads right before its mma, so its time doubled with every extra 8 tokens. Here a block owns
+// a tile of 8 row tiles (128 output rows) x BM tokens and walks a K range in steps of one super-tile
+// (128 columns, the layout of mma_sp_layout.py, unchanged). Each step is one shared-memory "stage":
+//   x   [BM tokens][128 columns] fp16/bf16, rows padded to 272 bytes so that the 8 row addresses of
+//       an ldmatrix phase fall in 8 different 16-byte bank groups (272 / 16 = 17 is odd);
+//   codes, metadata, scales of the 8 row tiles for this super-tile, copied as they lie in global
+//       memory (each row tile's piece is contiguous there).
+// All of it arrives through cp.async (16 bytes per thread, coalesced, L2-only for streamed data),
+// STAGES - 1 steps ahead of the step being computed, with one barrier per step.
+//
+// Warps: WN along rows x WM along tokens. A warp owns WRT row tiles and NT n-tiles (8 tokens each);
+// per k-tile it loads its NT B fragments with one ldmatrix.x4 each (the four 8x8 matrices are the
+// four B registers: row = token, 8 consecutive k), dequantizes each row tile's A operand once and
+// feeds it to NT mma.sp, so a weight fragment is reused NT times and an activation fragment WRT times.
+//
+// The A operand is the weight itself, w = (code - zero) * scale, rounded once to the activation type
+// (the code times the fp16 scale is computed exactly and rounded once: fp16 -> one HMUL2; bf16 ->
+// the scale split into a bf16 head and an exact bf16 tail, one HMUL2 + one HFMA2; int8 x bf16 ->
+// fp32). So the result equals a dense product with the dequantized weight in that type, accumulated
+// in fp32, and no per-group fp32 bookkeeping sits in the inner loop (unlike mma_sp.cu).
+//
+// Split-K: when the tiles would not fill the GPU, `splits` blocks share a tile's K range. Each
+// writes its fp32 partial to a workspace; the last to finish (a per-tile counter, reset by that
+// block) sums the partials in split order (deterministic) and writes y. One launch, CUDA-graph safe.
+#include "mma_sp_common.cuh"
+
+namespace {
+
+struct TiledParams {
+  const uint32_t* qw;    // codes    [RT][S][32 lanes][WQ] words
+  const uint32_t* meta;  // metadata [RT][S][32 lanes][2] words
+  const uint32_t* sc;    // scales   [RT][S][8 row pairs][gps] half2 (row g, row g + 8)
+  const void* x;         // [M][K] activations, contiguous, 16-byte aligned
+  void* y;               // [M][N] output, contiguous
+  float* ws;             // [splits][M][N] fp32 partials (splits > 1)
+  int* cnt;              // [tiles] arrival counters, zero between launches (splits > 1)
+  int M, N, K, RT, S, gps, splits;
+};
+
+constexpr int kRowTiles = 8;    // row tiles (16 rows each) per block, every configuration
+constexpr int kXStride = 272;   // bytes per staged activation row: 128 x 2 + 16 of padding
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1; src_bytes = 0 writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+}
+
+// ---- A operand of one k-tile and one row tile, scaled: reg 0 = row g, chunk tig; reg 1 = row g+8,
+// chunk tig; reg 2 = row g, chunk 4+tig; reg 3 = row g+8, chunk 4+tig (two kept values each).
+// s2 = the fp16 scales (row g, row g + 8) of this k-tile's group.
+
+// int4, fp16: word q has the pair of reg r in nibbles r and r+4. (q & 0x000F000F) | 0x6400 is
+// 1024 + c exactly; minus 1032 = c - 8 (exact); times the scale: one rounding.
+__device__ __forceinline__ void a_int4_f16(uint32_t q, uint32_t s2, uint32_t a[4]) {
+  const uint32_t lo_mask = 0x000F000F, hi_mask = 0x00F000F0, magic = 0x64006400;
+  const __half2 k1032 = bits_h2(0x64086408), k16th = bits_h2(0x2C002C00), km72 = bits_h2(0xD480D480);
+  const __half2 sg = __low2half2(bits_h2(s2)), sg8 = __high2half2(bits_h2(s2));
+  const uint32_t q2 = q >> 8;
+  a[0] = h2_bits(__hmul2(__hsub2(bits_h2(lop_and_or(q, lo_mask, magic)), k1032), sg));
+  a[1] = h2_bits(__hmul2(__hfma2(bits_h2(lop_and_or(q, hi_mask, magic)), k16th, km72), sg8));
+  a[2] = h2_bits(__hmul2(__hsub2(bits_h2(lop_and_or(q2, lo_mask, magic)), k1032), sg));
+  a[3] = h2_bits(__hmul2(__hfma2(bits_h2(lop_and_or(q2, hi_mask, magic)), k16th, km72), sg8));
+}
+
+// bf16 has 8 significant bits, the fp16 scale 11: s = hi + lo with hi = bf16(s) and lo = s - hi
+// (at most 3 significant bits, exact in bf16). For |c| <= 8, c * lo is exact in bf16, so
+// fma(c, hi, c * lo) is c * s rounded once.
+struct Bf16Scale {
+  __nv_bfloat162 hi_g, hi_g8, lo_g, lo_g8;
+  __device__ __forceinline__ explicit Bf16Scale(uint32_t s2) {
+    const float2 s = __half22float2(bits_h2(s2));
+    const __nv_bfloat162 hi = __float22bfloat162_rn(s);
+    const float2 hf = __bfloat1622float2(hi);
+    const __nv_bfloat162 lo = __float22bfloat162_rn(make_float2(s.x - hf.x, s.y - hf.y));
+    hi_g = __low2bfloat162(hi); hi_g8 = __high2bfloat162(hi);
+    lo_g = __low2bfloat162(lo); lo_g8 = __high2bfloat162(lo);
+  }
+};
+
+// int4, bf16: 0x4300 | c is bf16 128 + c (c < 16), minus 136 = c - 8 exact; then the split scale.
+__device__ __forceinline__ void a_int4_bf16(uint32_t q, uint32_t s2, uint32_t a[4]) {
+  const uint32_t mask = 0x000F000F, magic = 0x43004300;
+  const __nv_bfloat162 k136 = bits_b2(0x43084308);
+  const Bf16Scale s(s2);
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const __nv_bfloat162 v = __hsub2(bits_b2(lop_and_or(q >> (4 * r), mask, magic)), k136);
+    const __nv_bfloat162 hi = (r & 1) ? s.hi_g8 : s.hi_g, lo = (r & 1) ? s.lo_g8 : s.lo_g;
+    a[r] = b2_bits(__hfma2(v, hi, __hmul2(v, lo)));
+  }
+}
+
+// int8, fp16: word c holds (row g v0, row g v1, row g+8 v0, row g+8 v1) of chunk tig (c = 0) or
+// 4+tig (c = 1); bytes under 0x64 are fp16 1024 + c, minus 1152 = c - 128 (exact), times the scale.
+__device__ __forceinline__ void a_int8_f16(uint32_t w0, uint32_t w1, uint32_t s2, uint32_t a[4]) {
+  const uint32_t magic = 0x64646464;
+  const __half2 k1152 = bits_h2(0x64806480);
+  const __half2 sg = __low2half2(bits_h2(s2)), sg8 = __high2half2(bits_h2(s2));
+  a[0] = h2_bits(__hmul2(__hsub2(bits_h2(prmt(w0, magic, 0x4140)), k1152), sg));
+  a[1] = h2_bits(__hmul2(__hsub2(bits_h2(prmt(w0, magic, 0x4342)), k1152), sg8));
+  a[2] = h2_bits(__hmul2(__hsub2(bits_h2(prmt(w1, magic, 0x4140)), k1152), sg));
+  a[3] = h2_bits(__hmul2(__hsub2(bits_h2(prmt(w1, magic, 0x4342)), k1152), sg8));
+}
+
+// int8, bf16: c - 128 and (c - 128) * s are exact in fp32 (8 + 11 bits); one rounding to bf16.
+__device__ __forceinline__ void a_int8_bf16(uint32_t w0, uint32_t w1, uint32_t s2, uint32_t a[4]) {
+  const uint32_t magic = 0x4B000000;  // fp32 2^23 + byte
+  const float off = 8388736.0f;       // 2^23 + 128
+  const float2 s = __half22float2(bits_h2(s2));
+  const uint32_t w[2] = {w0, w1};
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const uint32_t src = w[r >> 1], b0 = (r & 1) * 2;
+    const float sc = (r & 1) ? s.y : s.x;
+    const float f0 = (__uint_as_float(prmt(src, magic, 0x7440 + b0)) - off) * sc;
+    const float f1 = (__uint_as_float(prmt(src, magic, 0x7441 + b0)) - off) * sc;
+    a[r] = b2_bits(__floats2bfloat162_rn(f0, f1));
+  }
+}
+
+template <int BITS>
+struct StageShape {
+  static constexpr int WQ = BITS == 4 ? 4 : 8;      // code words per lane per super-tile
+  static constexpr int QW_BYTES = 32 * WQ * 4;      // one row tile's codes for one super-tile
+  static constexpr int META_BYTES = 32 * 2 * 4;
+  // Byte offsets inside a stage: x, then codes, metadata, scales of the 8 row tiles.
+  __host__ __device__ static constexpr int x_bytes(int bm) { return bm * kXStride; }
+  __host__ __device__ static constexpr int meta_off(int bm) { return x_bytes(bm) + kRowTiles * QW_BYTES; }
+  __host__ __device__ static constexpr int sc_off(int bm) { return meta_off(bm) + kRowTiles * META_BYTES; }
+  __host__ __device__ static constexpr int bytes(int bm, int gps) {
+    return (sc_off(bm) + kRowTiles * 32 * gps + 127) / 128 * 128;
+  }
+};
+
+template <int BITS, bool BF16, int WN, int WM, int WRT, int NT, int STAGES>
+struct Tiled {
+  static constexpr int kThreads = WN * WM * 32;
+  static constexpr int BM = WM * NT * 8;  // tokens per block
+  using SS = StageShape<BITS>;
+  static_assert(WN * WRT == kRowTiles, "a block covers 8 row tiles");
+
+  // Issue the copies of super-tile s for the tile (row tiles rt0.., tokens m0..) into stage `dst`.
+  static __device__ __forceinline__ void load_stage(const TiledParams& p, uint32_t dst, int s, int rt0, int nrt,
+                                                    int m0, int tid) {
+    for (int c = tid; c < BM * 16; c += kThreads) {
+      const int row = c >> 4, kc = c & 15;
+      const int tok = m0 + row, k = s * 128 + kc * 8;
+      const bool ok = tok < p.M && k < p.K;  // K % 8 == 0: a 16-byte chunk is all in or all out
+      const char* src = static_cast<const char*>(p.x) + (ok ? ((size_t)tok * p.K + k) * 2 : 0);
+      cp_async16(dst + row * kXStride + kc * 16, src, ok ? 16 : 0);
+    }
+    constexpr int QC = SS::QW_BYTES / 16, MC = SS::META_BYTES / 16;
+    for (int c = tid; c < nrt * QC; c += kThreads) {
+      const int r = c / QC, j = c % QC;
+      const uint32_t* src = p.qw + ((size_t)(rt0 + r) * p.S + s) * (32 * SS::WQ) + j * 4;
+      cp_async16(dst + SS::x_bytes(BM) + r * SS::QW_BYTES + j * 16, src, 16);
+    }
+    for (int c = tid; c < nrt * MC; c += kThreads) {
+      const int r = c / MC, j = c % MC;
+      const uint32_t* src = p.meta + ((size_t)(rt0 + r) * p.S + s) * 64 + j * 4;
+      cp_async16(dst + SS::meta_off(BM) + r * SS::META_BYTES + j * 16, src, 16);
+    }
+    const int SC = 2 * p.gps;  // 16-byte chunks of one row tile's scales (8 words per group slot)
+    for (int c = tid; c < nrt * SC; c += kThreads) {
+      const int r = c / SC, j = c % SC;
+      const uint32_t* src = p.sc + ((size_t)(rt0 + r) * p.S + s) * (8 * p.gps) + j * 4;
+      cp_async16(dst + SS::sc_off(BM) + r * 32 * p.gps + j * 16, src, 16);
+    }
+  }
+
+  // The warp's mma.sp for one staged super-tile.
+  static __device__ __forceinline__ void compute_stage(const char* stage, uint32_t stage_s, int gps, int wn, int wm,
+                                                       int nvalid, int lane, float acc[WRT][NT][4]) {
+    const int g = lane >> 2;
+    uint32_t q[WRT][SS::WQ], e[WRT][2];
+#pragma unroll
+    for (int i = 0; i < WRT; ++i) {
+      const int r = wn * WRT + i;
+      const uint4* qp = reinterpret_cast<const uint4*>(stage + SS::x_bytes(BM) + r * SS::QW_BYTES) + lane * (SS::WQ / 4);
+#pragma unroll
+      for (int h = 0; h < SS::WQ / 4; ++h) {
+        const uint4 v = qp[h];
+        q[i][4 * h] = v.x; q[i][4 * h + 1] = v.y; q[i][4 * h + 2] = v.z; q[i][4 * h + 3] = v.w;
+      }
+      const uint2 m = reinterpret_cast<const uint2*>(stage + SS::meta_off(BM) + r * SS::META_BYTES)[lane];
+      e[i][0] = m.x; e[i][1] = m.y;
+    }
+    const uint32_t* scp = reinterpret_cast<const uint32_t*>(stage + SS::sc_off(BM));
+    // ldmatrix: lane l gives the address of row (l & 7) of matrix (l >> 3) = tokens of the n-tile,
+    // columns kt * 32 + 8 * (l >> 3) .. + 7; matrix j lands in B register j as mma.sp wants it
+    // (register j of lane (g, tig) = x[token g][kt * 32 + 8 j + 2 tig, + 1]).
+    const uint32_t xaddr = stage_s + (wm * NT * 8 + (lane & 7)) * kXStride + (lane >> 3) * 16;
+#pragma unroll
+    for (int kt = 0; kt < 4; ++kt) {
+      uint32_t b[NT][4];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) ldmatrix_x4(b[j], xaddr + j * 8 * kXStride + kt * 64);
+      const int slot = (kt * gps) >> 2;  // scale group of this k-tile inside the super-tile
+#pragma unroll
+      for (int i = 0; i < WRT; ++i) {
+        if (i < nvalid) {  // warp-uniform: row tiles past the matrix hold stale data, skip them
+          const int r = wn * WRT + i;
+          const uint32_t s2 = scp[(r * 8 + g) * gps + slot];
+          uint32_t a[4];
+          if constexpr (BITS == 4) {
+            if constexpr (BF16) a_int4_bf16(q[i][kt], s2, a);
+            else a_int4_f16(q[i][kt], s2, a);
+          } else {
+            if constexpr (BF16) a_int8_bf16(q[i][2 * kt], q[i][2 * kt + 1], s2, a);
+            else a_int8_f16(q[i][2 * kt], q[i][2 * kt + 1], s2, a);
+          }
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            // k-tiles 2j' and 2j'+1 share a metadata word: selector 0 reads T0/T1, 1 reads T2/T3.
+            if (kt & 1) mma_sp<BF16, 1>(acc[i][j], a, b[j], e[i][kt >> 1]);
+            else mma_sp<BF16, 0>(acc[i][j], a, b[j], e[i][kt >> 1]);
+          }
+        }
+      }
+    }
+  }
+
+  static __device__ __forceinline__ void store(const TiledParams& p, size_t o, float v) {
+    if constexpr (BF16) reinterpret_cast<__nv_bfloat16*>(p.y)[o] = __float2bfloat16_rn(v);
+    else reinterpret_cast<__half*>(p.y)[o] = __float2half_rn(v);
+  }
+
+  // The kernel body (a __global__ function cannot be a member: tiled_kernel below calls this).
+  static __device__ __forceinline__ void run(const TiledParams& p, char* smem, int& s_last) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wn = warp % WN, wm = warp / WN;
+    const int g = lane >> 2, tig = lane & 3;
+    // Block -> (row block, token block, split); consecutive blocks share a row block, so the token
+    // blocks of one weight tile run together and read it from L2.
+    const int m_blocks = (p.M + BM - 1) / BM;
+    const int sp = blockIdx.x % p.splits;
+    const int tile = blockIdx.x / p.splits;
+    const int mb = tile % m_blocks, rb = tile / m_blocks;
+    const int rt0 = rb * kRowTiles, m0 = mb * BM;
+    const int nrt = min(kRowTiles, p.RT - rt0);
+    const int nvalid = nrt - wn * WRT;  // this warp's row tiles inside the matrix (may be <= 0)
+    const int s_begin = (int)(((long)p.S * sp) / p.splits), s_end = (int)(((long)p.S * (sp + 1)) / p.splits);
+    const int n_st = s_end - s_begin;
+    const int stage_bytes = SS::bytes(BM, p.gps);
+    const uint32_t smem_s = smem_addr(smem);
+
+    float acc[WRT][NT][4];
+#pragma unroll
+    for (int i = 0; i < WRT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+
+    // Pipeline: stage i % STAGES holds super-tile s_begin + i; STAGES - 1 in flight ahead. Every
+    // step commits one (possibly empty) group, so wait_group<STAGES - 2> means "step i has landed".
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) {
+      if (i < n_st) load_stage(p, smem_s + i * stage_bytes, s_begin + i, rt0, nrt, m0, tid);
+      cp_async_commit();
+    }
+    for (int i = 0; i < n_st; ++i) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();  // step i visible to all; every warp is done with step i - 1's buffer
+      const int nx = i + STAGES - 1;
+      if (nx < n_st) load_stage(p, smem_s + (nx % STAGES) * stage_bytes, s_begin + nx, rt0, nrt, m0, tid);
+      cp_async_commit();
+      const int buf = i % STAGES;
+      compute_stage(smem + buf * stage_bytes, smem_s + buf * stage_bytes, p.gps, wn, wm, nvalid, lane, acc);
+    }
+    cp_async_wait<0>();
+
+    // Accumulator (i, j, r) is output row (rt0 + wn*WRT + i)*16 + g + 8*(r >> 1), token
+    // m0 + (wm*NT + j)*8 + 2*tig + (r & 1).
+    const size_t MN = (size_t)p.M * p.N;
+    if (p.splits == 1) {
+#pragma unroll
+      for (int i = 0; i < WRT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int row = (rt0 + wn * WRT + i) * 16 + g + 8 * (r >> 1);
+            const int tok = m0 + (wm * NT + j) * 8 + 2 * tig + (r & 1);
+            if (i < nvalid && row < p.N && tok < p.M) store(p, (size_t)tok * p.N + row, acc[i][j][r]);
+          }
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < WRT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int row = (rt0 + wn * WRT + i) * 16 + g + 8 * (r >> 1);
+          const int tok = m0 + (wm * NT + j) * 8 + 2 * tig + (r & 1);
+          if (i < nvalid && row < p.N && tok < p.M) __stcg(p.ws + sp * MN + (size_t)tok * p.N + row, acc[i][j][r]);
+        }
+    __threadfence();  // partials visible device-wide before this block is counted
+    __syncthreads();
+    if (tid == 0) s_last = atomicAdd(p.cnt + tile, 1) == p.splits - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();  // see the other blocks' partials
+#pragma unroll
+    for (int i = 0; i < WRT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int row = (rt0 + wn * WRT + i) * 16 + g + 8 * (r >> 1);
+          const int tok = m0 + (wm * NT + j) * 8 + 2 * tig + (r & 1);
+          if (i < nvalid && row < p.N && tok < p.M) {
+            const size_t o = (size_t)tok * p.N + row;
+            float v = 0.f;
+            for (int q = 0; q < p.splits; ++q) v += __ldcg(p.ws + q * MN + o);  // fixed order
+            store(p, o, v);
+          }
+        }
+    if (tid == 0) p.cnt[tile] = 0;  // ready for the next launch (graph replays included)
+  }
+
+  static int smem_bytes(int gps) { return STAGES * SS::bytes(BM, gps); }
+};
+
+template <class T>
+__global__ void __launch_bounds__(T::kThreads) tiled_kernel(TiledParams p) {
+  extern __shared__ __align__(128) char smem[];
+  __shared__ int s_last;
+  T::run(p, smem, s_last);
+}
+
+// Blocks of configuration T that fit on one SM (0 on error).
+template <class T>
+int occupancy(int gps) {
+  if (cudaFuncSetAttribute(tiled_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, T::smem_bytes(4)) != cudaSuccess)
+    return 0;
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, tiled_kernel<T>, T::kThreads, T::smem_bytes(gps)) != cudaSuccess)
+    return 0;
+  return n;
+}
+
+template <class T>
+cudaError_t launch_tiled(const TiledParams& p, cudaStream_t stream) {
+  static thread_local int attr_set_dev = -1;  // the dynamic shared-memory limit is raised per device
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (attr_set_dev != dev) {
+    err = cudaFuncSetAttribute(tiled_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, T::smem_bytes(4));
+    if (err != cudaSuccess) return err;
+    attr_set_dev = dev;
+  }
+  const long tiles = (long)((p.RT + kRowTiles - 1) / kRowTiles) * ((p.M + T::BM - 1) / T::BM);
+  tiled_kernel<T><<<(unsigned)(tiles * p.splits), T::kThreads, T::smem_bytes(p.gps), stream>>>(p);
+  return cudaGetLastError();
+}
+
+// The launch configurations ("tiles"), by index: <WN, WM, WRT, NT, STAGES>. Rows per block are
+// always 128; tokens per block BM = 8 * WM * NT. kernels/mma_sp.py reads them with sq_mma_sp_tile_info.
+// Tiles 3-5 (6-8 stages) were added after run 14 to test whether cp.async latency bound a K step;
+// run 15 measured them slower (the kernel is instruction-issue bound, KERNEL_NOTES.md), so
+// kernels/mma_sp.py dispatches 0-2 and the benchmark sweep keeps timing 3-5.
+struct TileInfo { int bm, threads, stages; };
+constexpr int kNumTiles = 6;
+constexpr TileInfo kTiles[kNumTiles] = {
+    {8, 128, 4},   // 0: 4 x 1 warps, 2 row tiles x 1 n-tile each
+    {16, 128, 4},  // 1: 4 x 1 warps, 2 x 2
+    {64, 256, 4},  // 2: 4 x 2 warps, 2 x 4
+    {8, 128, 8},   // 3: as 0, 8 stages
+    {16, 128, 8},  // 4: as 1, 8 stages
+    {64, 256, 6},  // 5: as 2, 6 stages
+};
+
+template <int BITS, bool BF16, typename F>
+auto with_tile(int tile, F&& f) {
+  switch (tile) {
+    case 0: return f(Tiled<BITS, BF16, 4, 1, 2, 1, 4>{});
+    case 1: return f(Tiled<BITS, BF16, 4, 1, 2, 2, 4>{});
+    case 2: return f(Tiled<BITS, BF16, 4, 2, 2, 4, 4>{});
+    case 3: return f(Tiled<BITS, BF16, 4, 1, 2, 1, 8>{});
+    case 4: return f(Tiled<BITS, BF16, 4, 1, 2, 2, 8>{});
+    default: return f(Tiled<BITS, BF16, 4, 2, 2, 4, 6>{});
+  }
+}
+
+template <typename F>
+auto with_kernel(int bits, int bf16, int tile, F&& f) {
+  if (bits == 4) return bf16 ? with_tile<4, true>(tile, f) : with_tile<4, false>(tile, f);
+  return bf16 ? with_tile<8, true>(tile, f) : with_tile<8, false>(tile, f);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Tokens per block and threads of tile configuration `tile`; returns 0, or -1 for an unknown tile.
+int sq_mma_sp_tile_info(int tile, int* bm, int* threads) {
+  if (tile < 0 || tile >= kNumTiles) return -1;
+  *bm = kTiles[tile].bm;
+  *threads = kTiles[tile].threads;
+  return 0;
+}
+
+// Blocks of this kernel that fit on one SM and the SM count (for choosing splits); a cudaError_t.
+int sq_mma_sp_tiled_occupancy(int bits, int bf16, int gps, int tile, int* blocks_per_sm, int* sms) {
+  if ((bits != 4 && bits != 8) || tile < 0 || tile >= kNumTiles || (gps != 1 && gps != 2 && gps != 4))
+    return (int)cudaErrorInvalidValue;
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return (int)err;
+  err = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err != cudaSuccess) return (int)err;
+  *blocks_per_sm = with_kernel(bits, bf16, tile, [&](auto t) { return occupancy<decltype(t)>(gps); });
+  return *blocks_per_sm > 0 ? 0 : (int)cudaErrorInvalidConfiguration;
+}
+
+// Returns a cudaError_t (0 = launched). ws: splits * M * N floats and cnt: one zeroed int per
+// (row block, token block), both needed only when splits > 1. x must be 16-byte aligned.
+int sq_mma_sp_tiled(const void* qw, const void* meta, const void* sc, const void* x, void* y, float* ws, int* cnt,
+                    int M, int N, int K, int RT, int S, int bits, int bf16, int gps, int tile, int splits,
+                    void* stream) {
+  if ((bits != 4 && bits != 8) || tile < 0 || tile >= kNumTiles || (gps != 1 && gps != 2 && gps != 4))
+    return (int)cudaErrorInvalidValue;
+  if (M <= 0 || N <= 0 || K <= 0 || K % 8 || RT != (N + 15) / 16 || S != (K + 127) / 128) return (int)cudaErrorInvalidValue;
+  if (splits < 1 || splits > S || (splits > 1 && (ws == nullptr || cnt == nullptr))) return (int)cudaErrorInvalidValue;
+  if (reinterpret_cast<uintptr_t>(x) % 16) return (int)cudaErrorMisalignedAddress;
+  TiledParams p{static_cast<const uint32_t*>(qw), static_cast<const uint32_t*>(meta), static_cast<const uint32_t*>(sc),
+                x, y, ws, cnt, M, N, K, RT, S, gps, splits};
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return (int)with_kernel(bits, bf16, tile, [&](auto t) { return launch_tiled<decltype(t)>(p, s); });
+}
+}
