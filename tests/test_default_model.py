@@ -69,3 +69,16 @@ def test_eval_tasks_on_checkpoint(compressed, capsys):
     assert set(result["tasks"]) == {"arc_easy", "winogrande"}
     assert all(r["n"] == 4 and 0.0 <= r["acc"] <= 1.0 for r in result["tasks"].values())
     assert "arc_easy: acc" in capsys.readouterr().out
+
+
+def test_eval_tasks_first_on_fresh_checkpoint(compressed, tmp_path):
+    # No eval.json yet: the first evaluation of a checkpoint creates it (regression: it crashed).
+    import shutil
+
+    fresh = tmp_path / "fresh"
+    shutil.copytree(compressed, fresh, ignore=shutil.ignore_patterns("eval.json"))
+    assert main(["eval", str(fresh), "--tasks", "arc_easy", "--limit", "2", "--eval-windows", "0", "--quiet"]) == 0
+    result = json.loads((fresh / "eval.json").read_text())
+    assert set(result["tasks"]) == {"arc_easy"} and result["tasks"]["arc_easy"]["n"] == 2
+    assert main(["eval", str(fresh), "--tasks", "winogrande", "--limit", "2", "--eval-windows", "0", "--quiet"]) == 0
+    assert set(json.loads((fresh / "eval.json").read_text())["tasks"]) == {"arc_easy", "winogrande"}

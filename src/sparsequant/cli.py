@@ -170,10 +170,10 @@ def cmd_eval(args) -> int:
             print(f"{name}: acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}{norm} (n={r['n']})")
     if args.model and is_checkpoint(args.model):
         target = Path(args.model) / "eval.json"
-        merged = json.loads(target.read_text()) if target.is_file() else {}
-        merged.update(results)  # earlier perplexity or task results stay unless re-measured
-        if "tasks" in results and "tasks" in merged:
-            merged["tasks"] = {**json.loads(target.read_text()).get("tasks", {}), **results["tasks"]}
+        previous = json.loads(target.read_text()) if target.is_file() else {}
+        merged = {**previous, **results}  # earlier perplexity or task results stay unless re-measured
+        if "tasks" in results:
+            merged["tasks"] = {**previous.get("tasks", {}), **results["tasks"]}
         atomic_write_text(target, json.dumps(merged, indent=2))
         print(f"results saved to {Path(args.model) / 'eval.json'}")
     return 0
@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--method", help="override the pruning method (magnitude, wanda, sparsegpt, ...)")
-    p.add_argument("--pattern", help="override the pattern: 2:4, 4:8, 8:16, 50%%, 50%%-matrix, dense")
+    p.add_argument("--pattern", help="override the pattern: 2:4, 4:8, 8:16, 50%%, 50%%-matrix, hybrid:35%% "
+                   "(128x128 tiles dense or 2:4; hybrid:35%%@64x128), dense; append +8/256 for outliers")
     p.add_argument("--quantizer", help="override the quantizer (rtn, gptq)")
     p.add_argument("--bits", type=int, help="override quantization bits (2-8)")
     p.add_argument("--group-size", type=int, help="override the group size (0 = per output channel)")
@@ -275,9 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan_cmd.add_parser(sub, common)
     report_cmd.add_parser(sub, common)
-    from .commands import sensitivity as sensitivity_cmd
-
-    sensitivity_cmd.add_parser(sub, common)
     from .commands import bench as bench_cmd
     from .commands import export as export_cmd
     from .commands import generate as generate_cmd
@@ -285,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd.add_parser(sub, common)
     bench_cmd.add_parser(sub, common)
     export_cmd.add_parser(sub, common)
+    from .commands import sensitivity as sensitivity_cmd
+
+    sensitivity_cmd.add_parser(sub, common)
     return parser
 
 
