@@ -16,9 +16,10 @@ squared output error ``||(E - A) X||^2 / n`` exactly (SLiM keeps only the diagon
 
 Quantized adapters (``bits``): both factors are quantized symmetrically with groups of
 ``group_size`` along their reduction dimension (``down [r, K]`` along K, ``up [N, r]`` along r;
-an r shorter than a group gives one scale per row), float16 scales. ``down`` is quantized first,
-then ``up`` is refitted by least squares against the quantized ``down`` under the same saliency
-metric (so it absorbs most of ``down``'s rounding error) and quantized in turn.
+an r shorter than a group gives one scale per row), float16 scales, each group's range
+clip-searched (``quant/clip_search.py``) under the saliency metric. ``down`` is quantized first,
+then ``up`` is refitted by least squares against the quantized ``down`` under the same metric (so
+it absorbs most of ``down``'s rounding error) and quantized in turn.
 
 Alternation (``iterations``). SLiM compresses once and fits the adapter once (``iterations=1``,
 the default). With more iterations the compressor runs again on ``W - adapter`` (so the
@@ -35,7 +36,8 @@ import torch
 
 from ..errors import CheckpointError, DataError, NonFiniteWeightError, RecipeError
 from ..patterns.bits import pack_bits, unpack_bits
-from ..quant import QuantParams, QuantSpec, quantize_rtn
+from ..quant import QuantParams, QuantSpec
+from ..quant.clip_search import fit_params_searched
 from .base import CompressedWeight, LayerStats, check_finite
 
 SALIENCIES = ("rms", "hessian")
@@ -287,10 +289,17 @@ def fit_adapter(
     if quant is None:
         a = LowRankAdapter(down=_round(down, dtype), up=_round(up, dtype), dtype=dtype)
         return a.validate((n, k))
-    d_codes, d_params = quantize_rtn(down.float(), quant)
+    # Each factor's rounding error reaches the output through the saliency metric, so its ranges
+    # are clip-searched with that metric's weights: for down the mean squared activation of each
+    # input column, for up the mean square of each adapter channel (down x).
+    col = root.square() if root.dim() == 1 else root.square().sum(1)
+    d_params = fit_params_searched(down.float(), quant, None, col.float())
+    d_codes = d_params.quantize(down.float())
     down_q = d_params.dequantize(d_codes)
     up = _refit_up(e, down_q.double(), root)
-    u_codes, u_params = quantize_rtn(up.float(), quant)
+    chan = _weigh(down_q.double(), root).square().sum(1)
+    u_params = fit_params_searched(up.float(), quant, None, chan.float())
+    u_codes = u_params.quantize(up.float())
     a = LowRankAdapter(down=down_q, up=u_params.dequantize(u_codes), dtype=dtype, down_codes=d_codes,
                        down_params=d_params, up_codes=u_codes, up_params=u_params)
     return a.validate((n, k))
