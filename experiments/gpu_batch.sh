@@ -10,7 +10,7 @@ nvidia-smi -L
 timeout 420 python experiments/paper_table.py --out /tmp/paper --device cuda --rows all --keep-going \
     --deadline-s ${DEADLINE_S:-330} 2>&1 | grep -v "^\s*$" | tail -80
 timeout 100 python -m sparsequant.cli sensitivity --recipe 2:4-w4a16-sparsegpt --out /tmp/paper/sensitivity \
-    --units layer,type --target-sparsity 0.45 --write-recipe /tmp/paper/selective45.yaml --device cuda 2>&1 | tail -30
+    --units layer,type --target-sparsity 0.45 --write-recipe /tmp/paper/selective45.yaml --device cuda --dtype float32 2>&1 | tail -30
 if [ -f /tmp/paper/selective45.yaml ]; then
   timeout 70 python experiments/paper_table.py --out /tmp/paper --device cuda --rows 24-w4-sparsegpt \
       --recipe-row selective45=/tmp/paper/selective45.yaml --keep-going 2>&1 | tail -30

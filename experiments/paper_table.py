@@ -69,6 +69,7 @@ def main():
     limit = [] if args.limit is None else ["--limit", str(args.limit)]
     threads = [] if args.threads is None else ["--threads", str(args.threads)]
     threads += [] if args.device is None else ["--device", args.device]
+    threads += ["--dtype", "float32"]  # the CPU's numbers on a GPU too (the reference path, not the fp16 kernels)
     rows = list(ROWS) if args.rows == "all" else args.rows.split(",")
     for spec in args.recipe_row:
         name, _, recipe = spec.partition("=")

@@ -88,6 +88,14 @@ def _device(args):
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _dtype(args, device: str):
+    import torch
+
+    if getattr(args, "dtype", None):
+        return getattr(torch, args.dtype)
+    return torch.float32 if device == "cpu" else torch.float16
+
+
 def cmd_compress(args) -> int:
     import torch
 
@@ -102,7 +110,7 @@ def cmd_compress(args) -> int:
     torch.set_num_threads(args.threads) if args.threads else None
     device = _device(args)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=torch.float32 if device == "cpu" else torch.float16,
+    model, tokenizer = load_model(args.model, dtype=_dtype(args, device),
                                   device=device, quiet=args.quiet)
     t_load = time.perf_counter() - t0
     log = {"command": " ".join(sys.argv), "model": args.model or "default", "device": device,
@@ -150,7 +158,7 @@ def cmd_eval(args) -> int:
 
     device = _device(args)
     torch.set_num_threads(args.threads) if args.threads else None
-    model, tokenizer = load_model(args.model, dtype=torch.float32 if device == "cpu" else torch.float16,
+    model, tokenizer = load_model(args.model, dtype=_dtype(args, device),
                                   device=device, quiet=args.quiet)
     results = {"model": args.model or "default", "device": device}
     if (args.ppl or not args.tasks) and args.eval_windows:
@@ -216,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--quiet", action="store_true", help="no progress bars")
     common.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     common.add_argument("--threads", type=int, help="CPU threads for torch")
+    common.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                        help="model dtype (default: float32 on the CPU, float16 on a GPU)")
     parser = argparse.ArgumentParser(
         prog="sparsequant",
         description="Prune, quantize, pack and evaluate causal language models. "
