@@ -4,7 +4,7 @@
 # (.gpukit_a, copied to /root/sqkit by an earlier call, and .gpukit_b): see experiments/README.md.
 # Results: $OUT/paper.tgz (run folders without the weights, report, sensitivity).
 set -u
-bash .gpukit_b/setup.sh || exit 1
+bash experiments/gpukit_setup.sh || exit 1
 export SPARSEQUANT_CACHE=/root/sqcache PYTHONPATH=src TQDM_DISABLE=1
 nvidia-smi -L
 timeout 420 python experiments/paper_table.py --out /tmp/paper --device cuda --rows all --keep-going \
