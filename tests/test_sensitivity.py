@@ -101,6 +101,8 @@ def test_command_from_saved_table_writes_recipe_and_chart(tmp_path, capsys):
         assert (out / f"sensitivity.{ext}").stat().st_size > 0
     sel = Recipe.from_yaml((tmp_path / "sel.yaml").read_text())
     assert [o["match"] for o in sel.overrides] == ["model.layers.2.*"]
+    # the scan's small calibration is not inherited: the recipe calibrates like a normal run
+    assert sel.calibration == CalibrationConfig()
     assert "kept as quant" in capsys.readouterr().out
     # --write-recipe without a target is refused
     assert main(["sensitivity", "--from", str(saved), "--write-recipe", str(tmp_path / "x.yaml")]) == 2

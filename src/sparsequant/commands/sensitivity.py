@@ -63,8 +63,9 @@ def run(args) -> int:
             raise RecipeError(f"{path} does not exist")
         result = SensitivityResult.from_dict(json.loads(path.read_text()))
         recipe = Recipe.from_dict(result.recipe)
+        base = recipe.with_(calibration=CalibrationConfig())
     else:
-        recipe = get_recipe(args.recipe)
+        recipe = base = get_recipe(args.recipe)
         c = recipe.calibration
         recipe = recipe.with_(calibration=CalibrationConfig(c.source, args.samples, args.seq_len, c.seed, c.batch_size))
         result = _measure(args, recipe)
@@ -80,7 +81,9 @@ def run(args) -> int:
         print(md)
         print(f"\ndense ppl {result.dense_ppl:.3f}; saved {out}/sensitivity.json, .csv, .md, .png")
     if args.write_recipe:
-        new, summary = selective_recipe(result, recipe, target_sparsity=args.target_sparsity,
+        # The scan calibrates on fewer windows to be quick; the written recipe keeps the base recipe's
+        # calibration so that it compares fairly with the uniform recipe it came from.
+        new, summary = selective_recipe(result, base, target_sparsity=args.target_sparsity,
                                         target_bits=args.target_bits, keep_as=args.keep_as, kind=args.keep_unit)
         atomic_write_text(Path(args.write_recipe), new.to_yaml())
         p, b = summary["predicted"], summary["base"]
