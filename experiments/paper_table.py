@@ -25,21 +25,27 @@ TASKS = "arc_challenge,arc_easy,piqa,winogrande"
 R = "experiments/recipes/"
 ROWS = {  # in the order a time-limited run takes them
     "24-w4-sparsegpt": ["--recipe", "2:4-w4a16-sparsegpt"],
-    "24-w4-sparsegpt-slim": ["--recipe", "2:4-w4a16-sparsegpt-slim"],
-    "24-w4-sparsegpt-slim-q4": ["--recipe", "2:4-w4a16-sparsegpt-slim-q4"],
     "w4-gptq-g128": ["--recipe", "w4a16-gptq"],
     "w2-gptq-g64": ["--recipe", "w4a16-gptq", "--bits", "2", "--group-size", "64"],
     "50pct-w4-sparsegpt": ["--recipe", "50%-w4a16-sparsegpt"],
-    "w2-gptq-g16": ["--recipe", "w4a16-gptq", "--bits", "2", "--group-size", "16"],
+    "24-w4-sparsegpt-slim": ["--recipe", "2:4-w4a16-sparsegpt-slim"],
+    "24-w4-sparsegpt-slim-q4": ["--recipe", "2:4-w4a16-sparsegpt-slim-q4"],
+    # equal bits: 2:4 + int4 per channel (3.02 bits) against 2-bit GPTQ at 2.75-3.5 bits
     "24-w4pc-sparsegpt": ["--recipe", "2:4-w4a16-sparsegpt", "--group-size", "0"],
+    "w2-gptq-g16": ["--recipe", "w4a16-gptq", "--bits", "2", "--group-size", "16"],
+    "w2a-gptq-g16": ["--recipe", "w4a16-gptq", "--bits", "2", "--group-size", "16", "--asym"],
+    "w2a-gptq-g32": ["--recipe", "w4a16-gptq", "--bits", "2", "--group-size", "32", "--asym"],
+    # equal size (~3.24 bits): three sensitive layers kept dense vs uniform 2:4 at int4 g32
+    "selective45-w4-sparsegpt": ["--recipe", R + "selective45-sgpt24w4.yaml"],
+    "24-w4g32-sparsegpt": ["--recipe", "2:4-w4a16-sparsegpt", "--group-size", "32"],
+    "hybrid45-w4-sparsegpt": ["--recipe", "2:4-w4a16-sparsegpt", "--pattern", "hybrid:45%"],
     "24-w4-sparsegpt-vcft": ["--recipe", R + "24-w4-sparsegpt-vcft.yaml"],
-    "hybrid25-w4-sparsegpt": ["--recipe", "2:4-w4a16-sparsegpt", "--pattern", "hybrid:25%"],
-    "hybrid35-w4-sparsegpt": ["--recipe", "2:4-w4a16-sparsegpt", "--pattern", "hybrid:35%"],
     "24-w4pc-sparsegpt-vcft": ["--recipe", R + "24-w4pc-sparsegpt-vcft.yaml"],
+    "hybrid35-w4-sparsegpt": ["--recipe", "2:4-w4a16-sparsegpt", "--pattern", "hybrid:35%"],
+    "hybrid25-w4-sparsegpt": ["--recipe", "2:4-w4a16-sparsegpt", "--pattern", "hybrid:25%"],
+    "24o8-w4-sparsegpt": ["--recipe", "2:4-w4a16-sparsegpt", "--pattern", "2:4+8/256"],
     "24-w4-sparsegpt-slim-q4-vcft": ["--recipe", R + "24-w4-sparsegpt-slim-q4-vcft.yaml"],
     "w2-gptq-g128": ["--recipe", "w4a16-gptq", "--bits", "2", "--group-size", "128"],
-    "hybrid45-w4-sparsegpt": ["--recipe", "2:4-w4a16-sparsegpt", "--pattern", "hybrid:45%"],
-    "24o8-w4-sparsegpt": ["--recipe", "2:4-w4a16-sparsegpt", "--pattern", "2:4+8/256"],
 }
 CORE_ROWS = ["w4-gptq-g128", "w2-gptq-g64", "50pct-w4-sparsegpt", "24-w4-sparsegpt"]
 
