@@ -137,6 +137,73 @@ def test_expand_is_exact(bits, group, sym):
     assert torch.equal(wt.t().cpu(), reference.dequantize_nm24(pk).cpu()), f"seed {SEED}"
 
 
+# (out, in, bits, group) for the mma.sp layout: odd row counts, K not a multiple of 128, every
+# scale-slot count (g32: 4 per super-tile, g64: 2, g128/g256/per channel: 1)
+MMA_LAYOUT_CASES = [(20, 136, 4, 32), (40, 264, 8, 64), (33, 520, 4, None), (17, 384, 8, 256), (50, 1000, 4, 128)]
+
+
+@pytest.mark.parametrize("n,k,bits,group", MMA_LAYOUT_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_expand_mma_sp_is_exact(n, k, bits, group, dtype):
+    """The expansion of the mma.sp layout equals the reference weight rounded once to ``dtype``."""
+    from sparsequant.kernels.mma_sp_layout import build_mma_sp_layout
+
+    pk = random_packed24(n, k, bits, group, device=DEV, seed=SEED % 971 + n)
+    lay = build_mma_sp_layout(pk, DEV)
+    w = torch.full((n, k), float("nan"), dtype=dtype, device=DEV)
+    te.expand_mma_sp(lay, dtype, out=w)
+    assert torch.equal(w.cpu(), reference.dequantize_nm24(pk).cpu().to(dtype)), f"seed {SEED}"
+
+
+def _state_bytes(state) -> int:
+    # the count that runtime.synthetic.weight_bytes_on (issue 7's memory figure) uses
+    from sparsequant.runtime.synthetic import _state_tensors
+
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in _state_tensors(state)}.values())
+
+
+@pytest.mark.parametrize("n,k,bits,group", [(64, 512, 4, 128), (48, 256, 8, 64), (32, 384, 4, 32), (48, 512, 4, None)])
+def test_prepared_state_holds_one_copy(n, k, bits, group):
+    """A prepared 2:4 state holds the weight's bits once (either layout), plus small counters.
+
+    Shapes without padding: codes and metadata are exactly the checkpoint's bytes; scales equal
+    them too except per channel in the mma.sp layout, which repeats a row's scale per 128-column
+    super-tile (N * K / 128 * 2 bytes: 1/32 of the int4 codes' bytes).
+    """
+    from sparsequant.kernels.mma_sp import MmaSpState
+
+    pk = random_packed24(n, k, bits, group, device=DEV, seed=SEED % 967 + n)
+    packed_bytes = sum(pk.tensors[t].numel() * pk.tensors[t].element_size() for t in ("qweight", "meta", "scales"))
+    counters = 4 * (-(-n // 16) + -(-n // 128) * 64)  # split-K counters of either state, an upper bound
+    tri = kernels.Nm24State(pk, "cpu", torch.float16)  # no mma.sp kernel on a CPU: the Triton layout
+    assert tri.mma is None and tri.layout is not None
+    assert tri.nbytes() == packed_bytes
+    assert packed_bytes <= _state_bytes(tri) <= packed_bytes + counters
+    mma = kernels.Nm24State.from_mma(MmaSpState(pk, "cpu", torch.float16))
+    assert mma.layout is None and mma.workspace is None
+    extra = n * (k // 128 - 1) * 2 if group is None else 0  # per-channel scale per super-tile
+    assert mma.nbytes() == packed_bytes + extra
+    assert packed_bytes <= _state_bytes(mma) <= packed_bytes + extra + counters
+    with pytest.raises(ValueError):
+        kernels.Nm24State(pk, "cpu", torch.float16, layout=tri.layout, mma=mma.mma)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mma_state_expands_beyond_the_kernel_tokens(dtype):
+    """An mma.sp-only state above MMA_SP_TOKENS runs expansion + matmul from that layout alone."""
+    from sparsequant.kernels.mma_sp import MmaSpState
+
+    n, k = 40, 264
+    pk = random_packed24(n, k, 4, 64, device=DEV, seed=SEED % 953)
+    state = kernels.Nm24State.from_mma(MmaSpState(pk, DEV, dtype))
+    m = kernels.MMA_SP_TOKENS[1] + 3
+    x = _x(m, k, dtype, 11)
+    y = kernels.linear(x.view(1, m, k), state)
+    assert y.shape == (1, m, n)
+    ref = x.double() @ reference.dequantize_nm24(pk).to(dtype).double().t()
+    assert _rel(y[0], ref) < _tol(dtype), f"seed {SEED}"
+
+
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 def test_activation_quant_matches_reference(kind):
     x = _x(5, 300, torch.bfloat16, 7) * 3
@@ -188,23 +255,49 @@ def test_prepare_falls_back_to_reference():
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,k,bits,group,sym", [(264, 520, 4, 128, True), (200, 1032, 8, 64, False),
-                                                  (4104, 4136, 4, None, False)])
+                                                  (4104, 4136, 4, None, False), (4104, 4136, 8, None, True)])
 def test_gpu_dispatch_all_token_counts(dtype, n, k, bits, group, sym):
     pk = random_packed24(n, k, bits, group, sym, device=DEV, seed=SEED % 977)
     state = kernels.prepare(pk, DEV, dtype)
     assert state is not None
+    # one layout per weight: the mma.sp one where that kernel runs (Hopper, symmetric), else Triton's
+    assert (state.mma is None) != (state.layout is None)
     w = reference.dequantize_nm24(pk)
-    for m in (1, 2, 3, 8, 9, 16, 17, 127, 300):
+    for m in (1, 2, 3, 8, 9, 16, 17, 33, 127, 129, 300):
         x = _x(m, k, dtype, m)
         y = kernels.linear(x.reshape(1, m, k), state)
         assert y.shape == (1, m, n) and y.dtype == dtype
         assert _rel(y[0], x.float() @ w.t()) < _tol(dtype), f"m={m} seed {SEED}"
     if dtype == torch.float16:
         x = _x(4, k, dtype, 99)
+        lay = build_layout(pk, DEV)
         for use_asm in (True, False):
             y = torch.full((4, n), float("nan"), dtype=dtype, device=DEV)
-            td.decode_linear(x, state.layout, use_asm=use_asm, out=y)
+            td.decode_linear(x, lay, use_asm=use_asm, out=y)
             assert _rel(y, x.float() @ w.t()) < _tol(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("n,k,bits,group", MMA_LAYOUT_CASES + [(4096, 4096, 4, 128), (11008, 4096, 8, None)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_expand_mma_sp_is_exact(n, k, bits, group, dtype):
+    from sparsequant.kernels.mma_sp_layout import build_mma_sp_layout
+
+    pk = random_packed24(n, k, bits, group, device=DEV, seed=SEED % 961 + n)
+    w = torch.full((n, k), float("nan"), dtype=dtype, device=DEV)
+    te.expand_mma_sp(build_mma_sp_layout(pk, DEV), dtype, out=w)
+    assert torch.equal(w, reference.dequantize_nm24(pk).to(dtype)), f"seed {SEED}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_prepared_state_is_one_copy():
+    """On the GPU a prepared weight's state is one copy of its bits (issue 7's memory figure)."""
+    pk = random_packed24(4096, 4096, 4, 128, True, device=DEV, seed=SEED % 13)
+    packed_bytes = sum(pk.tensors[t].numel() * pk.tensors[t].element_size() for t in ("qweight", "meta", "scales"))
+    state = kernels.prepare(pk, DEV, torch.float16)
+    assert packed_bytes <= _state_bytes(state) <= packed_bytes * 1.01
 
 
 @pytest.mark.gpu

@@ -7,10 +7,12 @@ supports its format on ``device`` (or None: the caller then uses the reference p
 What runs where (see docs/kernels.md):
 - 'nm24' symmetric int4/int8 codes, group 32/64/a multiple of 128/per channel, on a Hopper GPU
   (sm_90): the sparse-tensor-core CUDA kernels (``mma_sp.py``, compiled with nvcc on first use; if
-  that fails, a warning and the Triton paths below): the tiled kernel from 2 to 32 tokens, and
-  from 33 to 128 tokens on weights of at least 32M entries (``MMA_SP_*`` below).
-- 'nm24' int4/int8 codes, group size a multiple of 32 or per channel, float16/bfloat16
-  activations on CUDA: the Triton decode kernel up to ``DECODE_MAX_TOKENS`` tokens (its fp16 path
+  that fails, a warning and the Triton paths below): the tiled kernel from 1 to 32 tokens, and
+  from 33 to 128 tokens on weights of at least 32M entries (``MMA_SP_*`` below); otherwise a
+  Triton expansion of the same layout into a transient dense buffer, then cuBLAS. Such a
+  weight holds only the mma.sp layout on the GPU (``Nm24State``).
+- other 'nm24' int4/int8 codes (asymmetric, other groups that are a multiple of 32), or no
+  mma.sp kernel here, float16/bfloat16 activations on CUDA: the Triton decode kernel up to ``DECODE_MAX_TOKENS`` tokens (its fp16 path
   is inline PTX); above that either the Triton prefill kernel (tiles expanded in registers +
   tl.dot) or a Triton kernel that expands the weight into a transient dense buffer followed by
   cuBLAS, whichever measured faster on an H100 for the size (``PREFILL_PATH``; BENCHMARKS.md,
@@ -28,12 +30,13 @@ from . import reference  # noqa: F401  (part of the public kernel API)
 
 #: Largest token count sent to the decode kernel (measured crossover on an H100: 8 to 16).
 DECODE_MAX_TOKENS = 8
-#: Token counts sent to the tiled sparse-tensor-core CUDA kernel (mma_sp.py) when it is available.
-#: Measured on an H100 (BENCHMARKS.md, '## GPU kernels', run 15): 1 token: the Triton decode kernel
-#: is faster (2.71x cuBLAS fp16 vs 2.32x); 2-32 tokens the tiled kernel beats every other path
-#: (8 tokens 1.85x fp16 vs 1.60x for the direct mma.sp kernel; 32 tokens 0.99x vs 0.51x Triton);
-#: above 128 tokens expand + cuBLAS is faster (512 tokens 0.67x vs 0.39x).
-MMA_SP_TOKENS = (2, 128)
+#: Token counts sent to the tiled sparse-tensor-core CUDA kernel (mma_sp.py) when a weight is prepared
+#: for it. Such a state holds only the mma.sp layout (one copy of the weight), so 1 token runs there
+#: too (H100 run 15: 2.32x cuBLAS fp16 vs 2.71x for the Triton decode kernel, which would need the
+#: second layout; benchmarks/KERNEL_NOTES.md, "One layout per weight"); 2-32 tokens it beats every
+#: other path (8 tokens 1.85x fp16, 32 tokens 0.99x vs 0.51x Triton); above 128 tokens the mma.sp
+#: layout is expanded once and multiplied by cuBLAS (512 tokens: expand + cuBLAS 0.67x vs 0.39x).
+MMA_SP_TOKENS = (1, 128)
 #: From this token count on, the tiled kernel only for weights of at least MMA_SP_LARGE_MIN_WEIGHTS
 #: entries: at 128 tokens it beat expand + cuBLAS on the 11008/14336-wide LLaMA shapes (66-97 vs
 #: 77-106 us) but not on 4096x4096 (43.5 vs 24.5 us).
@@ -46,34 +49,69 @@ PREFILL_PATH = "auto"
 
 
 class Nm24State:
-    """Prepared W4A16 / W8A16 2:4 weight: the kernel layout plus split-K workspace."""
+    """Prepared W4A16 / W8A16 2:4 weight: exactly one kernel layout of it on the device.
 
-    def __init__(self, packed, device: torch.device, dtype: torch.dtype, layout=None):
-        from .layout import build_layout
-        from .triton_decode import DecodeWorkspace
+    ``mma`` (an ``mma_sp.MmaSpState``) when the sparse-tensor-core kernels support the weight
+    here (Hopper, symmetric codes, groups 32/64/multiple of 128/per channel, nvcc built the
+    library): every token count runs from its layout (tiled kernel, or expansion + cuBLAS).
+    Otherwise ``layout`` (layout.py's ``Nm24Layout``) and the Triton kernels. Never both: two
+    layouts would double the weight's memory (0.39x of fp16 instead of 0.195x).
+    """
 
-        self.layout = layout if layout is not None else build_layout(packed, device)
+    def __init__(self, packed, device: torch.device, dtype: torch.dtype, layout=None, mma=None):
+        if layout is not None and mma is not None:
+            raise ValueError("a Nm24State holds one layout: pass layout or mma, not both")
         self.dtype = dtype
         self.device = torch.device(device)
-        self.workspace = DecodeWorkspace(self.layout.n, self.device)
-        self.kind = f"nm24-w{self.layout.bits}a16"
-        self.mma = _mma_sp_state(packed, self.device, dtype) if packed is not None else None
+        if layout is None and mma is None:
+            mma = _mma_sp_state(packed, self.device, dtype)
+            if mma is None:
+                from .layout import build_layout
+
+                layout = build_layout(packed, self.device)
+        self.layout = layout  # Triton layout, or None
+        self.mma = mma  # mma.sp state, or None
+        self.workspace = None
+        if layout is not None:
+            from .triton_decode import DecodeWorkspace
+
+            self.workspace = DecodeWorkspace(layout.n, self.device)
+        lay = self._lay()
+        self.n, self.k, self.bits = lay.n, lay.k, lay.bits
+        self.kind = f"nm24-w{self.bits}a16" + ("-mma.sp" if mma is not None else "")
 
     @classmethod
     def from_layout(cls, layout, dtype: torch.dtype) -> "Nm24State":
+        """A Triton-path state around an existing ``Nm24Layout``."""
         return cls(None, layout.meta.device, dtype, layout=layout)
 
+    @classmethod
+    def from_mma(cls, mma) -> "Nm24State":
+        """An mma.sp-path state around an existing ``MmaSpState``."""
+        return cls(None, mma.device, mma.dtype, mma=mma)
+
+    def _lay(self):
+        return self.mma.layout if self.mma is not None else self.layout
+
+    def nbytes(self) -> int:
+        """Bytes of the weight's layout on the device (codes, metadata, scales; no workspaces)."""
+        return self._lay().nbytes()
+
     def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
+        m = x2d.shape[0]
+        if self.mma is not None:
+            if MMA_SP_TOKENS[0] <= m <= MMA_SP_TOKENS[1] and (
+                    m < MMA_SP_LARGE_TOKENS or self.n * self.k >= MMA_SP_LARGE_MIN_WEIGHTS):
+                return self.mma(x2d)
+            from .triton_expand import expand_mma_linear
+
+            return expand_mma_linear(x2d.contiguous(), self.mma.layout)
         from .triton_decode import decode_linear
         from .triton_prefill import expand_linear, prefill_linear
 
-        m = x2d.shape[0]
-        if self.mma is not None and MMA_SP_TOKENS[0] <= m <= MMA_SP_TOKENS[1]:
-            if m < MMA_SP_LARGE_TOKENS or self.layout.n * self.layout.k >= MMA_SP_LARGE_MIN_WEIGHTS:
-                return self.mma(x2d)
         if m <= DECODE_MAX_TOKENS:
             return decode_linear(x2d, self.layout, self.workspace)
-        if PREFILL_PATH == "triton" or (PREFILL_PATH == "auto" and m <= 32 and self.layout.n >= 8192):
+        if PREFILL_PATH == "triton" or (PREFILL_PATH == "auto" and m <= 32 and self.n >= 8192):
             return prefill_linear(x2d, self.layout)
         return expand_linear(x2d.contiguous(), self.layout)
 
@@ -111,6 +149,9 @@ def _mma_sp_state(packed, device, dtype):
     if not mma_sp.supported(packed, device, dtype):
         return None
     try:
+        from . import cuda_build
+
+        cuda_build.library()  # build (or load) first: a failure leaves no half state
         return mma_sp.MmaSpState(packed, device, dtype)
     except Exception as exc:  # noqa: BLE001 - nvcc missing or failing: the Triton kernels still work
         if not _MMA_SP_WARNED:

@@ -100,7 +100,8 @@ class MmaSpState:
     """A 2:4 int4/int8 weight prepared for the mma.sp kernels."""
 
     def __init__(self, packed, device, dtype: torch.dtype, layout: MmaSpLayout | None = None):
-        self.lib = cuda_build.library()  # build (or load) first: a failure leaves no half state
+        # The library is loaded (built) on the first launch; kernels.prepare loads it before it
+        # builds this state, so a build failure there falls back to the Triton layout instead.
         self.layout = layout if layout is not None else build_mma_sp_layout(packed, device)
         self.dtype = dtype
         self.device = torch.device(device)
@@ -109,6 +110,10 @@ class MmaSpState:
         # between launches (the last block of a tile resets its counter).
         self.cnt = torch.zeros(-(-self.layout.rt // TILE_ROW_TILES) * 64, dtype=torch.int32, device=self.device)
         self._plans: dict[tuple[int, int], int] = {}
+
+    @property
+    def lib(self):
+        return cuda_build.library()
 
     def _check(self, x2d: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         lay = self.layout

@@ -241,11 +241,30 @@ struct Tiled {
     else reinterpret_cast<__half*>(p.y)[o] = __float2half_rn(v);
   }
 
+  // Calls f(offset into y, accumulator) for each of this warp's accumulators that lies inside the
+  // output: accumulator (i, j, r) is output row (rt0 + wn*WRT + i)*16 + g + 8*(r >> 1), token
+  // m0 + (wm*NT + j)*8 + 2*tig + (r & 1). The one place that maps fragments to outputs (plain
+  // store, split-K partial store and split-K fix-up all go through it).
+  template <class F>
+  static __device__ __forceinline__ void for_each_output(const TiledParams& p, int rt0, int m0, int wn, int wm,
+                                                         int nvalid, int lane, const float (&acc)[WRT][NT][4], F&& f) {
+    const int g = lane >> 2, tig = lane & 3;
+#pragma unroll
+    for (int i = 0; i < WRT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int row = (rt0 + wn * WRT + i) * 16 + g + 8 * (r >> 1);
+          const int tok = m0 + (wm * NT + j) * 8 + 2 * tig + (r & 1);
+          if (i < nvalid && row < p.N && tok < p.M) f((size_t)tok * p.N + row, acc[i][j][r]);
+        }
+  }
+
   // The kernel body (a __global__ function cannot be a member: tiled_kernel below calls this).
   static __device__ __forceinline__ void run(const TiledParams& p, char* smem, int& s_last) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wn = warp % WN, wm = warp / WN;
-    const int g = lane >> 2, tig = lane & 3;
     // Block -> (row block, token block, split); consecutive blocks share a row block, so the token
     // blocks of one weight tile run together and read it from L2.
     const int m_blocks = (p.M + BM - 1) / BM;
@@ -286,53 +305,25 @@ struct Tiled {
     }
     cp_async_wait<0>();
 
-    // Accumulator (i, j, r) is output row (rt0 + wn*WRT + i)*16 + g + 8*(r >> 1), token
-    // m0 + (wm*NT + j)*8 + 2*tig + (r & 1).
-    const size_t MN = (size_t)p.M * p.N;
+    // Plain store (one block per tile), or fp32 partial then the fix-up by the tile's last block.
     if (p.splits == 1) {
-#pragma unroll
-      for (int i = 0; i < WRT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            const int row = (rt0 + wn * WRT + i) * 16 + g + 8 * (r >> 1);
-            const int tok = m0 + (wm * NT + j) * 8 + 2 * tig + (r & 1);
-            if (i < nvalid && row < p.N && tok < p.M) store(p, (size_t)tok * p.N + row, acc[i][j][r]);
-          }
+      for_each_output(p, rt0, m0, wn, wm, nvalid, lane, acc, [&](size_t o, float v) { store(p, o, v); });
       return;
     }
-#pragma unroll
-    for (int i = 0; i < WRT; ++i)
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int row = (rt0 + wn * WRT + i) * 16 + g + 8 * (r >> 1);
-          const int tok = m0 + (wm * NT + j) * 8 + 2 * tig + (r & 1);
-          if (i < nvalid && row < p.N && tok < p.M) __stcg(p.ws + sp * MN + (size_t)tok * p.N + row, acc[i][j][r]);
-        }
+    const size_t MN = (size_t)p.M * p.N;
+    for_each_output(p, rt0, m0, wn, wm, nvalid, lane, acc,
+                    [&](size_t o, float v) { __stcg(p.ws + sp * MN + o, v); });
     __threadfence();  // partials visible device-wide before this block is counted
     __syncthreads();
     if (tid == 0) s_last = atomicAdd(p.cnt + tile, 1) == p.splits - 1;
     __syncthreads();
     if (!s_last) return;
     __threadfence();  // see the other blocks' partials
-#pragma unroll
-    for (int i = 0; i < WRT; ++i)
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int row = (rt0 + wn * WRT + i) * 16 + g + 8 * (r >> 1);
-          const int tok = m0 + (wm * NT + j) * 8 + 2 * tig + (r & 1);
-          if (i < nvalid && row < p.N && tok < p.M) {
-            const size_t o = (size_t)tok * p.N + row;
-            float v = 0.f;
-            for (int q = 0; q < p.splits; ++q) v += __ldcg(p.ws + q * MN + o);  // fixed order
-            store(p, o, v);
-          }
-        }
+    for_each_output(p, rt0, m0, wn, wm, nvalid, lane, acc, [&](size_t o, float) {
+      float v = 0.f;
+      for (int q = 0; q < p.splits; ++q) v += __ldcg(p.ws + q * MN + o);  // fixed order: deterministic
+      store(p, o, v);
+    });
     if (tid == 0) p.cnt[tile] = 0;  // ready for the next launch (graph replays included)
   }
 
