@@ -19,7 +19,8 @@ What runs where (see docs/kernels.md):
   '## GPU kernels').
 - W8A8 (``act_quant='int8'|'fp8'``, opt-in because it changes the activations' precision):
   cuSPARSELt 2:4 int8/fp8 with a per-token activation quantization kernel.
-- Everything else (CPU, dense, bitmap or hybrid storage, structured outliers, other bit widths or
+- 'hybrid' int4/int8 (tiles dense or 2:4, tile columns a multiple of 32): kernels/hybrid.py.
+- Everything else (CPU, dense or bitmap storage, structured outliers, other bit widths or
   group sizes): None.
 """
 from __future__ import annotations
@@ -177,6 +178,10 @@ def prepare(packed, device, dtype: torch.dtype, act_quant: str | None = None):
         return None
     if dtype not in (torch.float16, torch.bfloat16):
         return None
+    if packed.storage == "hybrid" and act_quant is None:  # tiles dense or 2:4: kernels/hybrid.py
+        from .hybrid import prepare_hybrid
+
+        return prepare_hybrid(packed, device, dtype)
     if packed.storage != "nm24" or packed.quant is None or packed.quant.bits not in (4, 8):
         return None
     if packed.sparsity.outliers:  # no kernel adds structured outliers yet: the reference path does

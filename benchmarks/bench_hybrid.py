@@ -1,0 +1,244 @@
+"""Check and time the hybrid-tile kernels (tiles dense or 2:4) against baselines of the same run.
+
+    PYTHONPATH=src python benchmarks/bench_hybrid.py [--quick] [--sweep] [--budget-s 200] [--out DIR]
+
+1. Correctness: LLaMA-2-7B shapes (4096x4096, 11008x4096, 4096x11008) at 0/25/35/50% sparsity,
+   int4 g128 (plus int8 g64 asym and bf16 cases): HybridState at 1, 5, 16, 128 tokens against the
+   float64 product with the checkpoint's dequantized weight (PackedWeight.to_compressed()),
+   outputs poisoned with NaN. Weights: random Gaussian, random tiles 2:4 at exactly the budget,
+   magnitude 2:4 inside them, RTN (kernels/testing_hybrid.py), built on the GPU; no calibration.
+   0% is stored 'dense' (a hybrid weight at 0% is); the same kernels run it as all-dense tiles.
+2. Timing (fp16 activations, int4 g128): median over replays of a CUDA graph of calls rotating
+   over several weight copies (bench_kernels.time_graph), at 1, 16, 128, 2048 tokens:
+   cuBLAS fp16 F.linear; our nm24 path at 50% (Triton decode / prefill / expand + cuBLAS, the
+   mma.sp CUDA kernel left out: it needs a multi-minute nvcc build); hybrid decode kernel (<= 16
+   tokens) and hybrid expand + cuBLAS; "hybrid" = the faster of the two (what dispatch should
+   pick). Eager call time of the 1-token hybrid call.
+3. --sweep: decode BLOCK_N / SPLIT at 1 token, 35% sparsity.
+Prints a short table last and writes JSON to $OUT (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import copies_for, geomean, time_eager, time_graph  # noqa: E402
+
+from sparsequant import kernels  # noqa: E402
+from sparsequant.kernels.hybrid import HybridState  # noqa: E402
+from sparsequant.kernels.layout import build_layout  # noqa: E402
+from sparsequant.kernels.testing import random_packed24  # noqa: E402
+from sparsequant.kernels.testing_hybrid import random_packed_hybrid  # noqa: E402
+from sparsequant.kernels.triton_hybrid import (  # noqa: E402
+    DecodeWorkspace, hybrid_decode_linear, hybrid_expand_linear, pick_hybrid_decode_config)
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # out x in
+SPARSITIES = [0.0, 0.25, 0.35, 0.5]
+TOKENS = [1, 16, 128, 2048]
+T0 = time.time()
+
+
+def log(*a):
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+def rel64(y, x, w64):
+    if not torch.isfinite(y).all():
+        return float("inf")
+    ref = x.double() @ w64.t()
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def clone_hybrid_layout(lay):
+    c = copy.copy(lay)
+    for name in ("flags", "offsets", "vals", "meta", "scales"):
+        setattr(c, name, getattr(lay, name).clone())
+    c.zeros = None if lay.zeros is None else lay.zeros.clone()
+    return c
+
+
+def clone_nm24_layout(lay):
+    c = copy.copy(lay)
+    c.meta, c.vals, c.scales = lay.meta.clone(), lay.vals.clone(), lay.scales.clone()
+    c.zeros = None if lay.zeros is None else lay.zeros.clone()
+    return c
+
+
+def build(n, k, s, dev, bits=4, group=128, sym=True, seed=0):
+    t = time.time()
+    pk = random_packed_hybrid(n, k, s, (128, 128), bits, group, sym, device=dev, seed=seed)
+    t_pack = time.time() - t
+    t = time.time()
+    state = HybridState(pk, dev, torch.float16)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return pk, state, t_pack, time.time() - t
+
+
+def check(dev, results, quick):
+    log("== correctness vs float64 reference (outputs poisoned with NaN) ==")
+    cases = [(n, k, s, 4, 128, True, torch.float16) for (n, k) in SHAPES[: 1 if quick else None] for s in SPARSITIES]
+    (n0, k0), (n1, k1) = SHAPES[0], SHAPES[-1]
+    cases += [(n0, k0, 0.35, 8, 64, False, torch.bfloat16), (n1, k1, 0.25, 4, None, False, torch.bfloat16),
+              (n1, k1, 0.35, 8, 128, True, torch.float16)]
+    ok_all = True
+    for i, (n, k, s, bits, group, sym, dtype) in enumerate(cases):
+        pk, st, t_pack, t_lay = build(n, k, s, dev, bits, group, sym, seed=100 + i)
+        w64 = pk.to_compressed().weight.to(dev).double()
+        errs = {}
+        for m in (1, 5, 16, 128):
+            x = torch.randn(m, k, device=dev).to(dtype)
+            y = torch.full((m, n), float("nan"), dtype=dtype, device=dev)
+            if m <= 16:
+                hybrid_decode_linear(x, st.layout, st.workspace, out=y)
+                errs[f"decode{m}"] = rel64(y, x, w64)
+            errs[f"expand{m}"] = rel64(hybrid_expand_linear(x, st.layout), x, w64)
+        tol = 2e-3 if dtype == torch.float16 else 1e-2
+        ok = all(e < tol for e in errs.values()) and int(st.workspace.counters.abs().sum()) == 0
+        ok_all &= ok
+        worst = max(errs.values())
+        log(f"  {n}x{k} {s:.0%} int{bits} g{group} {'sym' if sym else 'asym'} {str(dtype)[6:]}: "
+            f"2:4 tiles {st.layout.flags.float().mean().item():.2f}, max rel err {worst:.2e} "
+            f"{'PASS' if ok else 'FAIL'} (pack {t_pack:.1f}s, layout {t_lay:.1f}s, "
+            f"{8 * st.layout.nbytes() / (n * k):.2f} bits/weight)")
+        results["correctness"].append(dict(n=n, k=k, sparsity=s, bits=bits, group=group, sym=sym, dtype=str(dtype),
+                                           errors=errs, ok=ok, pack_s=t_pack, layout_s=t_lay,
+                                           bits_per_weight=8 * st.layout.nbytes() / (n * k)))
+        del pk, st, w64
+    return ok_all
+
+
+def sweep(dev, results):
+    log("== decode sweep, 1 token, 35% ==")
+    for (n, k) in SHAPES:
+        pk, st, _, _ = build(n, k, 0.35, dev)
+        lays = [st.layout] + [clone_hybrid_layout(st.layout) for _ in range(copies_for(st.layout.nbytes()) - 1)]
+        wss = [DecodeWorkspace(n, dev) for _ in lays]
+        x = torch.randn(1, k, device=dev, dtype=torch.float16)
+        row = {}
+        for bn in (64, 128):
+            for sp in (2, 4, 8, 16, 32):
+                if sp > st.layout.n_tile_cols:
+                    continue
+                cfg = dict(BLOCK_N=bn, SPLIT=sp, num_warps=4)
+                fns = [lambda l=l, w=w: hybrid_decode_linear(x, l, w, config=cfg) for l, w in zip(lays, wss)]
+                row[f"bn{bn}_s{sp}"] = time_graph(fns)
+        best = min(row, key=row.get)
+        log(f"  {n}x{k}: best {best} {row[best]:.1f} us; auto {pick_hybrid_decode_config(st.layout, 1)}; "
+            + " ".join(f"{c}={v:.1f}" for c, v in row.items()))
+        results["sweep"][f"{n}x{k}"] = row
+        del pk, st, lays
+
+
+def bench(dev, results, budget_s):
+    log("== timing (fp16, int4 g128; us per call, CUDA graph, rotating weights) ==")
+    for (n, k) in SHAPES:
+        if time.time() - T0 > budget_s:
+            log("  budget reached: timing stops here")
+            break
+        key = f"{n}x{k}"
+        res = results["timing"].setdefault(key, {})
+        xs = {m: torch.randn(m, k, device=dev, dtype=torch.float16) for m in TOKENS}
+        # cuBLAS fp16 on a dense weight
+        w16 = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.05
+        ws16 = [w16] + [w16.clone() for _ in range(copies_for(w16.numel() * 2) - 1)]
+        res["fp16"] = {m: time_graph([lambda w=w, m=m: F.linear(xs[m], w) for w in ws16]) for m in TOKENS}
+        del ws16, w16
+        # nm24 at 50% through the Triton paths (mma.sp disabled: see the docstring)
+        lay24 = build_layout(random_packed24(n, k, 4, 128, True, device=dev, seed=7), dev)
+        lays = [lay24] + [clone_nm24_layout(lay24) for _ in range(copies_for(lay24.nbytes()) - 1)]
+        sts = [kernels.Nm24State.from_layout(l, torch.float16) for l in lays]  # no packed -> no mma.sp
+        res["nm24"] = {m: time_graph([lambda s=s, m=m: s(xs[m]) for s in sts]) for m in TOKENS}
+        del lay24, lays, sts
+        for s in SPARSITIES:
+            pk, st, _, _ = build(n, k, s, dev, seed=11)
+            lays = [st.layout] + [clone_hybrid_layout(st.layout) for _ in range(copies_for(st.layout.nbytes()) - 1)]
+            wss = [DecodeWorkspace(n, dev) for _ in lays]
+            r = {"decode": {}, "expand": {}}
+            for m in TOKENS:
+                if m <= 16:
+                    r["decode"][m] = time_graph([lambda l=l, w=w, m=m: hybrid_decode_linear(xs[m], l, w)
+                                                 for l, w in zip(lays, wss)])
+                r["expand"][m] = time_graph([lambda l=l, m=m: hybrid_expand_linear(xs[m], l) for l in lays])
+            r["best"] = {m: min(r["decode"].get(m, math.inf), r["expand"][m]) for m in TOKENS}
+            r["eager_1tok_us"] = time_eager([lambda l=l, w=w: hybrid_decode_linear(xs[1], l, w)
+                                             for l, w in zip(lays, wss)])
+            r["bits_per_weight"] = 8 * st.layout.nbytes() / (n * k)
+            res[f"hybrid{int(round(100 * s))}"] = r
+            log(f"  {key} {s:.0%}: " + " ".join(f"{m}t {r['best'][m]:.1f}" for m in TOKENS)
+                + f" | fp16 " + " ".join(f"{res['fp16'][m]:.1f}" for m in TOKENS))
+            del pk, st, lays, wss
+
+
+def summary(results):
+    lines = ["", "== summary: us per call (ratio = cuBLAS fp16 time / this time) =="]
+    hdr = f"{'shape':>11} {'tok':>5} {'fp16':>8} {'nm24':>14}" + "".join(f" {('hyb' + str(int(100 * s)) + '%'):>14}" for s in SPARSITIES)
+    lines.append(hdr + "   (hybrid: faster of decode / expand; d=decode e=expand)")
+    for key, res in results["timing"].items():
+        for m in TOKENS:
+            if "fp16" not in res or m not in res["fp16"]:
+                continue
+            f = res["fp16"][m]
+            row = f"{key:>11} {m:>5} {f:>8.1f}"
+            if "nm24" in res:
+                row += f" {res['nm24'][m]:>7.1f} {f / res['nm24'][m]:>5.2f}x"
+            for s in SPARSITIES:
+                r = res.get(f"hybrid{int(round(100 * s))}")
+                if r is None:
+                    continue
+                which = "d" if r["decode"].get(m, math.inf) <= r["expand"][m] else "e"
+                row += f" {r['best'][m]:>6.1f}{which} {f / r['best'][m]:>4.2f}x"
+            lines.append(row)
+    for m in TOKENS:
+        for s in SPARSITIES:
+            v = [res["fp16"][m] / res[f"hybrid{int(round(100 * s))}"]["best"][m] for res in results["timing"].values()
+                 if f"hybrid{int(round(100 * s))}" in res]
+            if v:
+                lines.append(f"geomean vs fp16, {m} tokens, {s:.0%}: {geomean(v):.2f}x over {len(v)} shapes")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=200.0, help="stop starting new timing shapes after this")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_hybrid.py needs a CUDA GPU")
+    dev = torch.device("cuda")
+    results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                   date=datetime.date.today().isoformat(), argv=sys.argv, correctness=[], sweep={}, timing={})
+    path = os.path.join(args.out, "bench_hybrid.json")
+
+    def save():
+        with open(path, "w") as fh:
+            json.dump(results, fh, indent=1, default=str)
+
+    try:
+        results["correct"] = check(dev, results, args.quick)
+        save()
+        if args.sweep:
+            sweep(dev, results)
+            save()
+        bench(dev, results, args.budget_s)
+    finally:
+        save()
+        print(summary(results), flush=True)
+    if not results["correct"]:
+        sys.exit("correctness FAILED")
+
+
+if __name__ == "__main__":
+    main()
