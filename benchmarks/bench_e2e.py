@@ -2,16 +2,19 @@
 
     python benchmarks/bench_e2e.py                       # LLaMA-2-7B shape, 32 layers, < 8 minutes on an H100
     python benchmarks/bench_e2e.py --layers 8 --budget-s 200
+    python benchmarks/bench_e2e.py --layers 8 --batch 1,32 --prompt-len 128 --compile-compare --no-fp8 --no-hf
 
 1. Correctness, on a tiny LLaMA compressed to 2:4 W4A16 g128 and saved as a checkpoint: the GPU load
    (kernels, CUDA graphs) against the CPU reference path of the same checkpoint - logits within
    float16 tolerance, greedy tokens equal for 32 new tokens (two prompts, one left-padded), the
-   CUDA-graph decode equal to the eager one, the GPU holding only packed weights; the 2:4 fp8 W8A8
-   twin within fp8 tolerance.
+   CUDA-graph decode equal to the eager one, the compiled (torch.compile) graph decode equal to the
+   uncompiled one, the GPU holding only packed weights; the 2:4 fp8 W8A8 twin within fp8 tolerance.
 2. Speed, on a LLaMA-2-7B-shaped synthetic model (random fp16 weights built on the GPU, compressed
    without calibration): prefill and decode tokens/s of 2:4 W4A16, 2:4 fp8 (W8A8), dense fp16 in the
    same engine and plain transformers generate, batches 1/8/32/128, prompts 128/2048, configurations
    that do not fit skipped, the time budget respected; weight memory and the acceptance ratios.
+   ``--compile`` / ``--no-compile`` choose the decode step (default: compiled when it works);
+   ``--compile-compare`` times both (engines '<name>' and '<name>-compiled').
 
 Results go to $OUT (or --out): bench_e2e.json, bench_e2e.md, bench_e2e.png. The short table is
 printed last. The exit status is 1 when a correctness check failed (timings still run).
@@ -84,7 +87,9 @@ def correctness(results: dict) -> bool:
     prompts = [[1, 15, 27, 300, 42, 7, 99, 5], [3, 200, 17]]
     t_ref = generate(ref, prompts, max_new_tokens=32, eos_token_id=[]).tokens
     t_gpu = generate(fast, prompts, max_new_tokens=32, eos_token_id=[]).tokens
-    t_eager = generate(fast, prompts, max_new_tokens=32, eos_token_id=[], cuda_graph=False).tokens
+    t_eager = generate(fast, prompts, max_new_tokens=32, eos_token_id=[], cuda_graph=False, compile=False).tokens
+    t_plain = generate(fast, prompts, max_new_tokens=32, eos_token_id=[], compile=False).tokens
+    t_comp = generate(fast, prompts, max_new_tokens=32, eos_token_id=[], compile=True).tokens
     same = [sum(a == b for a, b in zip(x, y)) for x, y in zip(t_gpu, t_ref)]
     info = {"ok": t_gpu == t_ref, "equal_tokens_per_prompt": same, "gpu": t_gpu, "cpu_reference": t_ref}
     if t_gpu != t_ref:  # say whether the first divergence is a near-tie of the reference's logits
@@ -97,7 +102,10 @@ def correctness(results: dict) -> bool:
                                             "ref_logit_gap": float(lg[y[k]] - lg[x[k]])}
                 break
     checks["greedy_32_tokens_gpu_vs_cpu_reference"] = info
-    checks["cuda_graph_equals_eager"] = {"ok": t_gpu == t_eager}
+    checks["cuda_graph_equals_eager"] = {"ok": t_plain == t_eager}
+    checks["compiled_graph_equals_uncompiled"] = {"ok": t_comp == t_plain,
+                                                   "equal_tokens_per_prompt": [sum(a == b for a, b in zip(x, y))
+                                                                               for x, y in zip(t_comp, t_plain)]}
 
     # 2:4 fp8 W8A8 twin of a dense fp16 tiny model: within fp8 tolerance of its W8A16 reference
     dense = syn.build_dense(syn.synthetic_config("tiny-llama"), device="cuda", seed=3)
@@ -154,7 +162,11 @@ def speed(args, results: dict):
     settings = BenchSettings(batches=tuple(args.batch), prompt_lens=tuple(args.prompt_len), steps=args.steps,
                              repeats=args.repeats, hf_tokens=args.hf_tokens, budget_s=args.budget_s)
     meta["settings"] = {k: getattr(settings, k) for k in settings.__dataclass_fields__}
-    report = run_bench(engines, settings, meta=meta, log=log, prefill_only=frozenset())
+    meta["compile"] = "compare" if args.compile_compare else args.compile
+    from sparsequant.commands.bench import with_compile_options
+
+    runs = with_compile_options(engines, args.compile, args.compile_compare)
+    report = run_bench(runs, settings, meta=meta, log=log, prefill_only=frozenset())
     results["bench"] = report.to_dict()
     return report
 
@@ -168,14 +180,24 @@ def acceptance(report) -> list[str]:
         va, vb = getattr(ra, key, None) if ra else None, getattr(rb, key, None) if rb else None
         return (va / vb) if va and vb else None, va
 
-    r, v = ratio(("sparse", 1, 128), ("dense", 1, 128), "decode_tok_s")
-    lines.append(f"batch 1 decode (prompt 128): 2:4 W4A16 {v or 0:.0f} tok/s = {r or 0:.2f}x dense fp16 "
-                 f"(target >= 2.5x and >= 500 tok/s)")
+    for suffix in ("", "-compiled"):
+        if ("sparse" + suffix, 1, 128) not in rows:
+            continue
+        label = " (compiled step)" if suffix else ""
+        r, v = ratio(("sparse" + suffix, 1, 128), ("dense" + suffix, 1, 128), "decode_tok_s")
+        lines.append(f"batch 1 decode (prompt 128){label}: 2:4 W4A16 {v or 0:.0f} tok/s = {r or 0:.2f}x dense fp16 "
+                     f"(target >= 2.5x and >= 500 tok/s)")
+        r, v = ratio(("sparse" + suffix, 32, 128), ("dense" + suffix, 32, 128), "decode_tok_s")
+        lines.append(f"batch 32 decode (prompt 128){label}: {v or 0:.0f} tok/s = {r or 0:.2f}x dense fp16 "
+                     f"(target >= 1.8x)")
+    for b in (1, 32):
+        r, v = ratio(("dense-compiled", b, 128), ("dense", b, 128), "decode_tok_s")
+        r2, v2 = ratio(("sparse-compiled", b, 128), ("sparse", b, 128), "decode_tok_s")
+        if r or r2:
+            lines.append(f"compiled vs uncompiled step, batch {b}: dense {r or 0:.2f}x, 2:4 W4A16 {r2 or 0:.2f}x")
     hf = rows.get(("transformers", 1, 128))
     if hf and hf.decode_tok_s:
         lines.append(f"  plain transformers generate, batch 1: {hf.decode_tok_s:.1f} tok/s")
-    r, v = ratio(("sparse", 32, 128), ("dense", 32, 128), "decode_tok_s")
-    lines.append(f"batch 32 decode (prompt 128): {v or 0:.0f} tok/s = {r or 0:.2f}x dense fp16 (target >= 1.8x)")
     for b in (1, 8, 32):
         r, v = ratio(("sparse-fp8", b, 2048), ("dense", b, 2048), "prefill_tok_s")
         r4, _ = ratio(("sparse", b, 2048), ("dense", b, 2048), "prefill_tok_s")
@@ -202,6 +224,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-fp8", action="store_true")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--skip-correctness", action="store_true")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step before graph capture (default: on when it works)")
+    p.add_argument("--compile-compare", action="store_true",
+                   help="time each engine with the uncompiled and the compiled decode step")
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--device", default="cuda", help="cpu: a dry run of the timing phase (tests; no correctness phase)")
     args = p.parse_args(argv)

@@ -6,6 +6,7 @@ calibration, see runtime/synthetic.py). Writes bench.json, bench.md and bench.pn
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,11 @@ def add_parser(subparsers, common_parent):
     p.add_argument("--hf-tokens", type=int, default=8, help="new tokens per transformers generate call (default 8)")
     p.add_argument("--hf-max-batch", type=int, default=128, help="largest batch for the transformers baseline")
     p.add_argument("--budget-s", type=float, help="stop starting new measurements after this many seconds")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step before capturing its CUDA graph (default: on for CUDA "
+                   "when it works); --compile-compare times both, as '<engine>' and '<engine>-compiled'")
+    p.add_argument("--compile-compare", action="store_true",
+                   help="time every engine with the uncompiled and the compiled decode step")
     p.add_argument("--out", help="folder for bench.json, bench.md and bench.png")
     p.set_defaults(func=run)
     return p
@@ -105,6 +111,24 @@ def build_engines(args, device, log=print):
     return engines, meta, frozenset()
 
 
+def with_compile_options(engines: dict, compile: bool | None, compare: bool = False) -> dict:
+    """Engine entries for run_bench: each model with its DecodeEngine ``compile`` option; with
+    ``compare``, every engine twice (uncompiled as '<name>', compiled as '<name>-compiled')."""
+    out = {}
+    for name, model in engines.items():
+        if name == "transformers":  # plain generate: no engine options
+            out[name] = model
+        elif compare:
+            out[name] = (model, {"compile": False})
+        else:
+            out[name] = (model, {"compile": compile})
+    if compare:
+        for name, model in engines.items():
+            if name != "transformers":
+                out[f"{name}-compiled"] = (model, {"compile": True})
+    return out
+
+
 def run(args) -> int:
     import torch
 
@@ -117,6 +141,7 @@ def run(args) -> int:
                              repeats=args.repeats, hf_tokens=max(2, args.hf_tokens), hf_max_batch=args.hf_max_batch,
                              budget_s=args.budget_s)
     engines, meta, prefill_only = build_engines(args, device)
+    engines = with_compile_options(engines, args.compile, args.compile_compare)
     meta["environment"] = environment()
     meta["settings"] = {k: getattr(settings, k) for k in settings.__dataclass_fields__}
     report = run_bench(engines, settings, meta=meta, prefill_only=prefill_only)

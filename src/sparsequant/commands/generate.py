@@ -1,6 +1,7 @@
 """``sparsequant generate``: stream text from a checkpoint or any model through the decode engine."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 
@@ -21,6 +22,8 @@ def add_parser(subparsers, common_parent):
     p.add_argument("--seed", type=int, help="seed for sampling")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly on a GPU")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step (default: on for CUDA when it works, off on the CPU)")
     p.set_defaults(func=run)
     return p
 
@@ -79,7 +82,7 @@ def run(args) -> int:
         sys.stdout.flush()
     out = generate(model, prompts, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_token=stream,
-                   cuda_graph=False if args.no_cuda_graph else None)
+                   cuda_graph=False if args.no_cuda_graph else None, compile=args.compile)
     if stream is not None:
         sys.stdout.write(stream.text()[len(stream.shown):] + "\n")
     else:

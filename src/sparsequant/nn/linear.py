@@ -6,6 +6,9 @@ the packed weight once into a dense matrix and call ``F.linear``. The reference 
 exactly the same weight values the compressor computed with: the compressed weight plus its
 recovery terms (``CompressedWeight.effective_weight``). The kernels compute the sparse/quantized
 part only; a low-rank adapter is then added as ``(x @ down^T) @ up^T``.
+
+Under ``torch.compile`` the whole forward is one opaque custom op, ``torch.ops.sparsequant.linear``
+(``linear_op.py``): Dynamo never traces into the kernels' Python/ctypes launch code.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.packed import PackedWeight
+from . import linear_op
 
 
 class SparseQuantLinear(nn.Module):
@@ -38,6 +42,12 @@ class SparseQuantLinear(nn.Module):
         self._kernel_state = None
         self._kernel_key = None
         self._adapter_factors = None
+        self._op_handle = linear_op.register(self)
+
+    def __setstate__(self, state):
+        # copy.deepcopy and unpickling come here: the copy needs its own custom-op handle
+        super().__setstate__(state)
+        self._op_handle = linear_op.register(self)
 
     @property
     def packed(self) -> PackedWeight:
@@ -106,6 +116,12 @@ class SparseQuantLinear(nn.Module):
         return F.linear(F.linear(x, down), up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return linear_op.linear(x, self._op_handle, self.out_features)
+        return self.forward_eager(x)
+
+    def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The computation itself (what the custom op runs): kernel, or dequantized weight + F.linear."""
         state = self._kernel(x)
         if state is not None:
             from .. import kernels

@@ -7,6 +7,10 @@ Engines (each a model run by the same ``DecodeEngine``, so the comparison is fai
 - ``dense``: the uncompressed fp16 model;
 - ``transformers``: the dense model through plain ``model.generate`` (its dynamic cache, eager).
 
+An engine entry is a model or ``(model, DecodeEngine options)``, e.g. ``(dense, {"compile": False})``
+to time the CUDA graph of the uncompiled step beside the compiled one. Rows of an engine whose
+name ends in ``-compiled`` are compared with ``dense-compiled`` when the run has it, else ``dense``.
+
 For every (prompt length P, batch B): prefill = one forward of B x P prompt tokens filling the
 cache (captured in a CUDA graph on a GPU, like the decode step); decode = one step of B new tokens
 (graph replay + greedy choice + feeding the token back, no host synchronisation inside the timed
@@ -76,10 +80,10 @@ class BenchReport:
     def table(self) -> str:
         from ..eval.table import markdown_table
 
-        base = {(r.batch, r.prompt_len): r for r in self.rows if r.engine == "dense"}
+        base = {(r.engine, r.batch, r.prompt_len): r for r in self.rows if r.engine in ("dense", "dense-compiled")}
         rows = []
         for r in sorted(self.rows, key=lambda r: (r.prompt_len, r.batch, r.engine)):
-            d = base.get((r.batch, r.prompt_len))
+            d = base.get((baseline_of(r.engine), r.batch, r.prompt_len)) or base.get(("dense", r.batch, r.prompt_len))
             sp = lambda a, b: None if a is None or b is None or not b else a / b  # noqa: E731
             rows.append([r.engine, r.batch, r.prompt_len, r.prefill_tok_s,
                          sp(r.prefill_tok_s, d.prefill_tok_s if d else None), r.decode_tok_s,
@@ -110,6 +114,11 @@ class BenchReport:
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
+
+
+def baseline_of(engine: str) -> str:
+    """The dense engine a row is compared with: the compiled dense step for compiled engines."""
+    return "dense-compiled" if engine.endswith("-compiled") else "dense"
 
 
 # -- timing ---------------------------------------------------------------------------------
@@ -167,14 +176,14 @@ def _cleanup(device: torch.device) -> None:
 # -- one measurement ------------------------------------------------------------------------
 @torch.no_grad()
 def measure_engine(model, name: str, batch: int, prompt_len: int, s: BenchSettings, timer: _Timer,
-                   prefill_only: bool = False) -> BenchRow:
+                   prefill_only: bool = False, options: dict | None = None) -> BenchRow:
     row = BenchRow(name, batch, prompt_len)
     device = timer.device
     vocab = model.get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(s.seed + batch * 7919 + prompt_len)
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=g)
     steps_total = s.warmup + s.repeats * s.steps + 2
-    eng = DecodeEngine(model, batch, prompt_len + steps_total)
+    eng = DecodeEngine(model, batch, prompt_len + steps_total, **(options or {}))
     graph = eng.use_graph
     logits = eng.prefill(ids, graph=graph)  # captures the prefill graph on CUDA (warm-up included)
     times = []
@@ -196,6 +205,7 @@ def measure_engine(model, name: str, batch: int, prompt_len: int, s: BenchSettin
         times = [timer(steps) / s.steps for _ in range(s.repeats)]
         row.decode_ms = _median(times)
         row.decode_tok_s = batch / (row.decode_ms / 1e3)
+        row.note = "compiled" if eng.use_compile else ("graph" if graph else "eager")
     eng.release_graphs()
     del eng
     return row
@@ -253,7 +263,8 @@ def run_bench(engines: dict, s: BenchSettings, meta: dict | None = None, log=pri
     (prompt length, batch) of ``s``, most informative configurations first."""
     if not engines:
         raise SparseQuantError("nothing to benchmark")
-    first = next(iter(engines.values()))
+    engines = {n: (e if isinstance(e, tuple) else (e, {})) for n, e in engines.items()}
+    first = next(iter(engines.values()))[0]
     device = first.get_input_embeddings().weight.device
     timer = _Timer(device)
     report = BenchReport(meta=dict(meta or {}))
@@ -262,7 +273,7 @@ def run_bench(engines: dict, s: BenchSettings, meta: dict | None = None, log=pri
     order = [c for c in PRIORITY if c in wanted] + [c for c in wanted if c not in PRIORITY]
     config = first.config
     for p, b in order:
-        for name, model in engines.items():
+        for name, (model, options) in engines.items():
             if s.budget_s is not None and time.perf_counter() - t_start > s.budget_s:
                 report.rows.append(BenchRow(name, b, p, note="skipped: time budget"))
                 continue
@@ -279,8 +290,8 @@ def run_bench(engines: dict, s: BenchSettings, meta: dict | None = None, log=pri
                 row = _guarded(lambda: measure_transformers(model, b, p, s, timer), name, b, p, device, need)
             else:
                 need = estimate_bytes(config, b, p, max_len)
-                row = _guarded(lambda: measure_engine(model, name, b, p, s, timer, prefill_only=name in prefill_only),
-                               name, b, p, device, need)
+                row = _guarded(lambda: measure_engine(model, name, b, p, s, timer, prefill_only=name in prefill_only,
+                                                      options=options), name, b, p, device, need)
             report.rows.append(row)
             log(f"  {name:13s} batch {b:4d} prompt {p:5d}: prefill {row.prefill_tok_s or 0:12,.0f} tok/s  "
                 f"decode {row.decode_tok_s or 0:10,.1f} tok/s  {row.note}")

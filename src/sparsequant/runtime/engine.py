@@ -8,6 +8,16 @@ once in a CUDA graph and replayed: per step the host only copies the new tokens 
 input buffer and bumps two counters on the device, so Python and kernel-launch overhead vanish.
 On the CPU the same step runs eagerly.
 
+With ``compile`` (default: on for CUDA when compilation works, off on the CPU) the decode step is
+first compiled by torch.compile (Inductor, ``fullgraph=True, dynamic=False``): RMSNorm, rotary
+embeddings, the mask, SiLU*mul and the residual adds become a few fused Triton kernels instead of
+~30-50 small ones per layer, and the graph captures the compiled step. Sparse linears reach
+Inductor as one opaque custom op each (``nn/linear_op.py``). Compilation happens in the warm-up
+before capture and once per engine (shapes are fixed by batch size and cache length; every
+per-step input is a device tensor, so no guard sees a step counter). ``compile_prefill`` compiles
+the prefill forward too, once per prompt length (off by default: each length costs a compilation
+and a prefill of many tokens is dominated by the linears).
+
 Graph safety rests on three things: every input of the step is a static device buffer (tokens,
 position ids, the cache slot, the padding map), the KV cache writes at a slot held in a tensor
 (``kv_cache.py``), and the mask comes from tensors (``masks.py``). Kernel states are built by the
@@ -18,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SparseQuantError
+from .compile import compile_step, default_compile
 from .kv_cache import StaticKVCache
 from .masks import MaskBuilder
 
@@ -41,7 +52,8 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 class DecodeEngine:
-    def __init__(self, model, batch_size: int, max_len: int, cuda_graph: bool | None = None):
+    def __init__(self, model, batch_size: int, max_len: int, cuda_graph: bool | None = None,
+                 compile: bool | None = None, compile_prefill: bool = False):
         self.model = model
         self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.device, self.dtype = model_device_dtype(model)
@@ -55,6 +67,13 @@ class DecodeEngine:
         self.use_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.use_graph and self.device.type != "cuda":
             raise SparseQuantError("CUDA graphs need a model on a CUDA device")
+        # None: compile where it pays and works (CUDA); a failed compilation then falls back to eager
+        # with a warning. True: compile or raise. The CPU path is eager unless asked for.
+        self.compile_auto = compile is None
+        self.use_compile = default_compile(self.device) if compile is None else bool(compile)
+        self.compile_prefill = bool(compile_prefill) and self.use_compile
+        self._step_fn = None  # the (compiled) decode step, built at the first decode
+        self._prefill_fns: dict[int, object] = {}
         self.cache = StaticKVCache(self.config.num_hidden_layers, self.max_len)
         self.masks = MaskBuilder(self.config, self.max_len, self.device, self.dtype)
         dev = self.device
@@ -67,15 +86,51 @@ class DecodeEngine:
         self._prefill_graphs: dict[int, tuple] = {}
 
     # -- the forward passes -----------------------------------------------------------------
-    def _forward(self, ids, positions, slots) -> torch.Tensor:
-        self.cache.write_slots = slots
-        out = self.model(input_ids=ids, attention_mask=self.masks.build(self.valid, slots), position_ids=positions,
+    def _model_step(self, ids, positions, slots, valid) -> torch.Tensor:
+        """Mask, model, last logits: the traced/compiled region. The cache writes at ``slots``."""
+        out = self.model(input_ids=ids, attention_mask=self.masks.build(valid, slots), position_ids=positions,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
+    def _decode_impl(self, ids, positions, slot, valid) -> torch.Tensor:
+        valid.index_fill_(1, slot, True)
+        return self._model_step(ids, positions, slot, valid)
+
+    def _forward(self, ids, positions, slots) -> torch.Tensor:
+        self.cache.write_slots = slots
+        if self.compile_prefill:
+            fn = self._prefill_fns.get(ids.shape[1])
+            if fn is None:
+                if not self.cache.layers[0].is_initialized:  # allocate the cache outside the traced region
+                    self._model_step(ids, positions, slots, self.valid)
+                fn = self._prefill_fns[ids.shape[1]] = compile_step(self._model_step)
+            return fn(ids, positions, slots, self.valid)
+        return self._model_step(ids, positions, slots, self.valid)
+
     def _decode_step(self) -> torch.Tensor:
-        self.valid.index_fill_(1, self.slot, True)
-        return self._forward(self.tokens, self.positions, self.slot)
+        self.cache.write_slots = self.slot
+        if self._step_fn is None:
+            if not self.use_compile:
+                self._step_fn = self._decode_impl
+            else:
+                if not self.cache.layers[0].is_initialized:
+                    # the cache allocates itself at its first write: do that outside the traced region
+                    # (running the step twice is harmless: same slot, same inputs, same writes)
+                    self._decode_impl(self.tokens, self.positions, self.slot, self.valid)
+                self._step_fn = compile_step(self._decode_impl)
+        try:
+            return self._step_fn(self.tokens, self.positions, self.slot, self.valid)
+        except Exception as exc:
+            if not (self.use_compile and self.compile_auto):
+                raise
+            # compile=None promised "when it works": say why, then run the same step eagerly
+            import warnings
+
+            warnings.warn(f"torch.compile of the decode step failed, running it uncompiled: "
+                          f"{type(exc).__name__}: {str(exc)[:300]}", RuntimeWarning, stacklevel=2)
+            self.use_compile = self.compile_prefill = False
+            self._step_fn = self._decode_impl
+            return self._step_fn(self.tokens, self.positions, self.slot, self.valid)
 
     # -- prefill ----------------------------------------------------------------------------
     @torch.no_grad()

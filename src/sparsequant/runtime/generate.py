@@ -64,12 +64,14 @@ def encode_prompts(prompts, tokenizer) -> list[list[int]]:
 def generate(model, prompts, tokenizer=None, *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              eos_token_id: int | list[int] | None = None, on_token: Callable | None = None,
-             cuda_graph: bool | None = None, engine: DecodeEngine | None = None) -> Generation:
+             cuda_graph: bool | None = None, compile: bool | None = None,
+             engine: DecodeEngine | None = None) -> Generation:
     """Generate up to ``max_new_tokens`` after each prompt. ``temperature=0`` is greedy.
 
     ``eos_token_id`` defaults to the model's generation config (or the tokenizer's); pass ``[]``
     to never stop early. ``engine`` reuses a DecodeEngine (and its captured CUDA graph) of the same
-    batch size whose cache is long enough.
+    batch size whose cache is long enough. ``cuda_graph`` and ``compile`` are DecodeEngine's options
+    (default: both on for CUDA, off on the CPU).
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise SparseQuantError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -86,7 +88,7 @@ def generate(model, prompts, tokenizer=None, *, max_new_tokens: int = 64, temper
     b, p = ids.shape
     need = p + max_new_tokens
     if engine is None or engine.batch_size != b or engine.max_len < need:
-        engine = DecodeEngine(model, b, need, cuda_graph=cuda_graph)
+        engine = DecodeEngine(model, b, need, cuda_graph=cuda_graph, compile=compile)
     device, _ = model_device_dtype(model)
     gen = None
     if seed is not None:
