@@ -3,7 +3,7 @@
 Builds a synthetic model (default LLaMA-2-7B shape, 8 layers), runs the engine's decode step
 eagerly under torch.profiler for a few steps and prints the top kernels by total GPU time, the
 number of kernel launches per step, and the graph-replay step time for comparison. Run with
-``--scheme dense`` and ``--scheme 2:4-w4a16`` to compare.
+``--scheme dense`` and ``--scheme 2:4-w4a16`` to compare, ``--compile`` for the torch.compiled step.
 
     PYTHONPATH=src python benchmarks/profile_decode.py --layers 8 --scheme dense
 """
@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="profile the torch.compiled step (default: the uncompiled one)")
     p.add_argument("--out", default=os.environ.get("OUT"))
     args = p.parse_args(argv)
 
@@ -39,7 +41,7 @@ def main(argv=None) -> int:
     model = syn.build_dense(cfg, "cuda", torch.float16)
     if args.scheme != "dense":
         model, _ = syn.sparse_twin(model, args.scheme)
-    eng = DecodeEngine(model, args.batch, args.max_len, cuda_graph=False)
+    eng = DecodeEngine(model, args.batch, args.max_len, cuda_graph=False, compile=args.compile)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len))
     tok = eng.prefill(ids).argmax(-1)
     for _ in range(3):
@@ -55,14 +57,14 @@ def main(argv=None) -> int:
         per_kernel.setdefault(e.name, []).append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
     total = sum(sum(v) for v in per_kernel.values()) / args.steps
     rows = sorted(((sum(v) / args.steps, len(v) / args.steps, k) for k, v in per_kernel.items()), reverse=True)
-    print(f"\n{args.config} x{args.layers} layers, {args.scheme}, batch {args.batch}: "
+    print(f"\n{args.config} x{args.layers} layers, {args.scheme}, batch {args.batch}{', compiled' if args.compile else ''}: "
           f"{len(events) / args.steps:.0f} kernels/step, {total:.0f} us GPU time/step (eager, summed)")
     print(f"{'us/step':>9} {'calls':>6}  kernel")
     for us, calls, name in rows[: args.top]:
         print(f"{us:9.1f} {calls:6.0f}  {name[:110]}")
 
     # the same step replayed from a CUDA graph
-    g_eng = DecodeEngine(model, args.batch, args.max_len, cuda_graph=True)
+    g_eng = DecodeEngine(model, args.batch, args.max_len, cuda_graph=True, compile=args.compile)
     tok = g_eng.prefill(ids).argmax(-1)
     for _ in range(3):
         tok = g_eng.decode(tok).argmax(-1)
@@ -76,9 +78,9 @@ def main(argv=None) -> int:
     print(f"graph replay step: {graph_us:.0f} us ({graph_us / args.layers:.0f} us per layer)")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"profile_{args.scheme.replace(':', '')}_b{args.batch}.json")
+        path = os.path.join(args.out, f"profile_{args.scheme.replace(':', '')}_b{args.batch}{'_compiled' if args.compile else ''}.json")
         with open(path, "w") as f:
-            json.dump({"config": args.config, "layers": args.layers, "scheme": args.scheme, "batch": args.batch,
+            json.dump({"config": args.config, "layers": args.layers, "scheme": args.scheme, "batch": args.batch, "compile": args.compile,
                        "kernels_per_step": len(events) / args.steps, "gpu_us_per_step": total,
                        "graph_step_us": graph_us,
                        "top": [{"us": us, "calls": c, "name": k} for us, c, k in rows[:60]]}, f, indent=1)
