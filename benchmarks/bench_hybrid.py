@@ -11,10 +11,10 @@
 2. Timing (fp16 activations, int4 g128): median over replays of a CUDA graph of calls rotating
    over several weight copies (bench_kernels.time_graph), at 1, 16, 128, 2048 tokens:
    cuBLAS fp16 F.linear; our nm24 path at 50% (Triton decode / prefill / expand + cuBLAS, the
-   mma.sp CUDA kernel left out: it needs a multi-minute nvcc build); hybrid decode kernel (<= 16
-   tokens) and hybrid expand + cuBLAS; "hybrid" = the faster of the two (what dispatch should
-   pick). Eager call time of the 1-token hybrid call.
-3. --sweep: decode BLOCK_N / SPLIT at 1 token, 35% sparsity.
+   mma.sp CUDA kernel left out: it needs a multi-minute nvcc build); the hybrid decode kernel,
+   plain and software-pipelined (<= 16 tokens), and hybrid expand + cuBLAS; "hybrid" = the
+   fastest of them (what dispatch should pick). Eager call time of the 1-token hybrid call.
+3. --sweep: decode variant / BLOCK_N / SPLIT at 1 token, 35% sparsity.
 Prints a short table last and writes JSON to $OUT (or --out).
 """
 from __future__ import annotations
@@ -90,14 +90,15 @@ def check(pk, st, dtype, results, tag) -> dict:
     A path that raises is reported and marked failed; the other paths still run."""
     n, k = pk.shape
     w64 = pk.to_compressed().weight.to(st.device).double()
-    errs, status = {}, {"decode": True, "expand": True}
-    for path, tokens in (("decode", (1, 5, 16)), ("expand", (1, 16, 128))):
+    errs, status = {}, {"decode": True, "decode_pf": True, "expand": True}
+    for path, tokens in (("decode", (1, 5, 16)), ("decode_pf", (1, 5, 16)), ("expand", (1, 16, 128))):
         for m in tokens:
             x = torch.randn(m, k, device=st.device).to(dtype)
             try:
-                if path == "decode":
+                if path.startswith("decode"):
                     y = torch.full((m, n), float("nan"), dtype=dtype, device=st.device)
-                    hybrid_decode_linear(x, st.layout, st.workspace, out=y)
+                    cfg = dict(pick_hybrid_decode_config(st.layout, m), PREFETCH=path == "decode_pf")
+                    hybrid_decode_linear(x, st.layout, st.workspace, config=cfg, out=y)
                 else:
                     y = hybrid_expand_linear(x, st.layout)
                 errs[f"{path}{m}"] = rel64(y, x, w64)
@@ -106,13 +107,14 @@ def check(pk, st, dtype, results, tag) -> dict:
                 errs[f"{path}{m}"] = math.inf
     tol = 2e-3 if dtype == torch.float16 else 1e-2
     for path in status:
-        status[path] = all(e < tol for key, e in errs.items() if key.startswith(path))
+        status[path] = all(e < tol for key, e in errs.items() if key.rstrip("0123456789") == path)
     status["decode"] &= int(st.workspace.counters.abs().sum()) == 0
+    status["decode_pf"] &= int(st.workspace.counters.abs().sum()) == 0
     q = pk.quant
     log(f"  {tag} {n}x{k} int{q.bits} g{q.group_size} {'sym' if q.symmetric else 'asym'} {str(dtype)[6:]}: "
         f"2:4 tiles {st.layout.flags.float().mean().item():.2f}, max rel err {max(errs.values()):.2e}, "
-        f"decode {'PASS' if status['decode'] else 'FAIL'}, expand {'PASS' if status['expand'] else 'FAIL'}, "
-        f"{8 * st.layout.nbytes() / (n * k):.2f} bits/weight")
+        + "".join(f"{p} {'PASS' if v else 'FAIL'}, " for p, v in status.items())
+        + f"{8 * st.layout.nbytes() / (n * k):.2f} bits/weight")
     results["correctness"].append(dict(tag=tag, n=n, k=k, bits=q.bits, group=q.group_size, sym=q.symmetric,
                                        dtype=str(dtype), errors=errs, **status,
                                        bits_per_weight=8 * st.layout.nbytes() / (n * k)))
@@ -128,7 +130,7 @@ def extra_checks(dev, results):
             (n0, k0, 0.35, 8, 128, True, torch.float16), (n0, k0, 0.25, 4, 32, False, torch.float16)]):
         pk, st, _, _ = build(n, k, s, dev, bits, group, sym, seed=100 + i)
         status = check(pk, st, dtype, results, f"{s:.0%}")
-        ok &= status["decode"] and status["expand"]
+        ok &= all(status.values())
     return ok
 
 
@@ -138,13 +140,16 @@ def sweep(st, x, results, key):
     lays = [lay0] + [clone_hybrid_layout(lay0) for _ in range(copies_for(lay0.nbytes()) - 1)]
     wss = [DecodeWorkspace(lay0.n, lay0.vals.device) for _ in lays]
     row = {}
-    for bn in (64, 128):
-        for sp in (2, 4, 8, 16, 32):
-            if sp > lay0.n_tile_cols:
-                continue
-            cfg = dict(BLOCK_N=bn, SPLIT=sp, num_warps=4)
-            row[f"bn{bn}_s{sp}"] = time_graph([lambda l=l, w=w: hybrid_decode_linear(x, l, w, config=cfg)
-                                               for l, w in zip(lays, wss)])
+    for pf in (False, True):
+        for bn in (64, 128):
+            for sp in (4, 8, 16, 32):
+                if sp > lay0.n_tile_cols:
+                    continue
+                cfg = dict(BLOCK_N=bn, SPLIT=sp, num_warps=4, PREFETCH=pf)
+                row[f"{'pf' if pf else 'pl'}_bn{bn}_s{sp}"] = time_graph(
+                    [lambda l=l, w=w, c=cfg: hybrid_decode_linear(x, l, w, config=c) for l, w in zip(lays, wss)])
+    if not row:
+        return
     best = min(row, key=row.get)
     log(f"  sweep {key} 35% 1 token: best {best} {row[best]:.1f} us; auto {pick_hybrid_decode_config(lay0, 1)}; "
         + " ".join(f"{c}={v:.1f}" for c, v in row.items()))
@@ -176,30 +181,36 @@ def bench(dev, results, budget_s, do_sweep, quick):
             pk, st, t_pack, t_lay = build(n, k, s, dev, seed=11 + int(100 * s))
             log(f"  built {key} {s:.0%}: pack {t_pack:.1f}s, layout {t_lay:.1f}s")
             status = check(pk, st, torch.float16, results, f"{s:.0%}")
-            ok_all &= status["decode"] and status["expand"]
+            ok_all &= all(status.values())
             if time.time() - T0 > budget_s:
                 log(f"  budget reached: no timing for {key} {s:.0%}")
                 continue
             lays = [st.layout] + [clone_hybrid_layout(st.layout) for _ in range(copies_for(st.layout.nbytes()) - 1)]
             wss = [DecodeWorkspace(n, dev) for _ in lays]
-            r = {"decode": {}, "expand": {}}
+            r = {"decode": {}, "decode_pf": {}, "expand": {}}
             for m in TOKENS:
-                if m <= 16 and status["decode"]:
-                    r["decode"][m] = time_graph([lambda l=l, w=w, m=m: hybrid_decode_linear(xs[m], l, w)
+                for path in ("decode", "decode_pf"):
+                    if m <= 16 and status[path]:
+                        cfg = dict(pick_hybrid_decode_config(st.layout, m), PREFETCH=path == "decode_pf")
+                        r[path][m] = time_graph([lambda l=l, w=w, m=m, c=cfg: hybrid_decode_linear(xs[m], l, w, config=c)
                                                  for l, w in zip(lays, wss)])
                 if status["expand"]:
                     r["expand"][m] = time_graph([lambda l=l, m=m: hybrid_expand_linear(xs[m], l) for l in lays])
-            r["best"] = {m: min(r["decode"].get(m, math.inf), r["expand"].get(m, math.inf)) for m in TOKENS}
+            r["best"] = {m: min(r[p].get(m, math.inf) for p in ("decode", "decode_pf", "expand")) for m in TOKENS}
             if status["decode"]:
                 r["eager_1tok_us"] = time_eager([lambda l=l, w=w: hybrid_decode_linear(xs[1], l, w)
                                                  for l, w in zip(lays, wss)])
             r["bits_per_weight"] = 8 * st.layout.nbytes() / (n * k)
             res[f"hybrid{int(round(100 * s))}"] = r
             log(f"  {key} {s:.0%}: decode " + " ".join(f"{m}t {v:.1f}" for m, v in r["decode"].items())
+                + " | decode_pf " + " ".join(f"{m}t {v:.1f}" for m, v in r["decode_pf"].items())
                 + " | expand " + " ".join(f"{m}t {v:.1f}" for m, v in r["expand"].items())
                 + " | fp16 " + " ".join(f"{res['fp16'][m]:.1f}" for m in TOKENS if 'fp16' in res))
             if do_sweep and s == 0.35 and status["decode"]:
-                sweep(st, xs[1], results, key)
+                try:
+                    sweep(st, xs[1], results, key)
+                except Exception as exc:  # noqa: BLE001 - the sweep is extra information
+                    log(f"  sweep raised {type(exc).__name__}: {str(exc)[:300]}")
             del pk, st, lays, wss
     return ok_all
 
@@ -207,7 +218,7 @@ def bench(dev, results, budget_s, do_sweep, quick):
 def summary(results):
     lines = ["", "== summary: us per call (ratio = cuBLAS fp16 time / this time) =="]
     hdr = f"{'shape':>11} {'tok':>5} {'fp16':>8} {'nm24':>14}" + "".join(f" {('hyb' + str(int(100 * s)) + '%'):>14}" for s in SPARSITIES)
-    lines.append(hdr + "   (hybrid: faster of decode / expand; d=decode e=expand)")
+    lines.append(hdr + "   (hybrid: fastest path; d=decode p=pipelined decode e=expand)")
     for key, res in results["timing"].items():
         for m in TOKENS:
             if "fp16" not in res:
@@ -220,7 +231,8 @@ def summary(results):
                 r = res.get(f"hybrid{int(round(100 * s))}")
                 if r is None:
                     continue
-                which = "d" if r["decode"].get(m, math.inf) <= r["expand"].get(m, math.inf) else "e"
+                which = min(("d", "decode"), ("p", "decode_pf"), ("e", "expand"),
+                            key=lambda c: r[c[1]].get(m, math.inf))[0]
                 row += f" {r['best'][m]:>6.1f}{which} {f / r['best'][m]:>4.2f}x"
             lines.append(row)
     for m in TOKENS:

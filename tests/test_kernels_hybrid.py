@@ -91,32 +91,34 @@ def test_layout_round_trips_to_the_same_weight(rows, cols8, tr, tc, sparsity, bi
     assert n_codes >= int(pk.to_compressed().mask.sum()) if pk.storage == "hybrid" else n_codes >= rows * 8 * cols8
 
 
-# (out, in, sparsity, tile, bits, group, symmetric, tokens, dtype, split-K): partial edge tiles
-# in both directions, a last tile column narrower than a unit, mixed / all-2:4 / all-dense.
+# (out, in, sparsity, tile, bits, group, symmetric, tokens, dtype, split-K, software-pipelined
+# variant): partial edge tiles in both directions, a last tile column narrower than a unit,
+# mixed / all-2:4 / all-dense.
 DECODE_CASES = [
-    (40, 104, 0.25, (16, 32), 4, 32, True, 1, torch.float16, 1),
-    (48, 200, 0.3, (32, 64), 8, 64, False, 3, torch.bfloat16, 3),
-    (24, 136, 0.5, (16, 128), 4, None, False, 2, torch.float16, 2),
-    (40, 96, 0.0, None, 8, 32, True, 1, torch.bfloat16, 2),  # quantized 'dense' storage: all tiles dense
+    (40, 104, 0.25, (16, 32), 4, 32, True, 1, torch.float16, 1, True),
+    (48, 200, 0.3, (32, 64), 8, 64, False, 3, torch.bfloat16, 3, True),
+    (24, 136, 0.5, (16, 128), 4, None, False, 2, torch.float16, 2, False),
+    (40, 96, 0.0, None, 8, 32, True, 1, torch.bfloat16, 2, False),  # quantized 'dense' storage: all dense
 ]
 
 
-@pytest.mark.parametrize("n,k,sparsity,tile,bits,group,sym,m,dtype,split", DECODE_CASES)
-def test_decode_matches_reference(n, k, sparsity, tile, bits, group, sym, m, dtype, split):
+@pytest.mark.parametrize("n,k,sparsity,tile,bits,group,sym,m,dtype,split,prefetch", DECODE_CASES)
+def test_decode_matches_reference(n, k, sparsity, tile, bits, group, sym, m, dtype, split, prefetch):
     pk = random_packed_hybrid(n, k, sparsity, tile or (128, 128), bits, group, sym, device=DEV, seed=SEED % 997 + n)
     assert pk.storage == ("dense" if sparsity == 0 else "hybrid")
     lay = build_hybrid_layout(pk, DEV)
     x = _x(m, k, dtype, n)
     y = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
     ws = th.DecodeWorkspace(n, DEV)
-    cfg = dict(BLOCK_N=16, SPLIT=split)
+    cfg = dict(BLOCK_N=16, SPLIT=split, PREFETCH=prefetch)
     th.hybrid_decode_linear(x, lay, ws, config=cfg, out=y)
     assert _rel(y, _ref(x, pk)) < _tol(dtype), f"seed {SEED}"
     assert int(ws.counters.abs().sum()) == 0, "split-K counters must be reset for the next call"
     assert torch.equal(th.hybrid_decode_linear(x, lay, ws, config=cfg), y)
 
 
-def test_mixed_flags_given_explicitly():
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_mixed_flags_given_explicitly(prefetch):
     # a checkerboard of 2:4 and dense tiles with partial tiles on both edges
     flags = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 0]], dtype=torch.bool)
     pk = random_packed_hybrid(40, 80, tile=(16, 32), bits=4, group_size=32, device=DEV, seed=SEED % 983, flags=flags)
@@ -124,7 +126,7 @@ def test_mixed_flags_given_explicitly():
     assert torch.equal(lay.flags.cpu().bool(), flags)
     x = _x(1, 80, torch.float16, 3)
     y = torch.full((1, 40), float("nan"), dtype=torch.float16, device=DEV)
-    th.hybrid_decode_linear(x, lay, config=dict(BLOCK_N=16, SPLIT=2), out=y)
+    th.hybrid_decode_linear(x, lay, config=dict(BLOCK_N=16, SPLIT=2, PREFETCH=prefetch), out=y)
     assert _rel(y, _ref(x, pk)) < _tol(torch.float16), f"seed {SEED}"
 
 
@@ -187,9 +189,12 @@ def test_gpu_prepare_and_every_token_count(dtype, n, k, sparsity, bits, group, s
         assert _rel(y[0], _ref(x, pk)) < _tol(dtype), f"m={m} seed {SEED}"
     x = _x(16, k, dtype, 99)
     for use_asm in ((True, False) if dtype == torch.float16 else (False,)):
-        y = torch.full((16, n), float("nan"), dtype=dtype, device=DEV)
-        th.hybrid_decode_linear(x, state.layout, state.workspace, use_asm=use_asm, out=y)
-        assert _rel(y, _ref(x, pk)) < _tol(dtype)
+        for prefetch in (False, True):
+            cfg = dict(th.pick_hybrid_decode_config(state.layout, 16), PREFETCH=prefetch)
+            y = torch.full((16, n), float("nan"), dtype=dtype, device=DEV)
+            th.hybrid_decode_linear(x, state.layout, state.workspace, config=cfg, use_asm=use_asm, out=y)
+            assert _rel(y, _ref(x, pk)) < _tol(dtype), f"asm {use_asm} prefetch {prefetch} seed {SEED}"
+            assert int(state.workspace.counters.abs().sum()) == 0
     wt = th.expand_hybrid_t(state.layout, torch.float32)
     assert torch.equal(wt.t().cpu(), pk.to_compressed().weight.cpu())
 

@@ -119,6 +119,121 @@ def _hybrid_decode_kernel(
 
 
 @triton.jit
+def _tile_loads(xw_ptr, flags_ptr, off_ptr, meta_ptr, vals_ptr, sc_ptr, zp_ptr, m, t, valid, ti, th, rloc,
+                offs_n, n_ok, ul, N, K4, U, C, stride_xm, group_units,
+                SYM_ZERO: tl.constexpr, BITS: tl.constexpr, HAS_ZP: tl.constexpr, UPT: tl.constexpr,
+                BLOCK_U: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Everything tile ``t`` needs, loaded up front (masked off when not ``valid``): flag,
+    metadata, sub-unit 0 words (va*, vb*), sub-unit 1 words (vc*, vd*; dense tiles only),
+    scales, zero points, the 8 activation words of each unit."""
+    W: tl.constexpr = BITS // 2
+    tile = ti * C + t
+    is24 = tl.load(flags_ptr + tile, mask=valid, other=1)
+    voff = tl.load(off_ptr + 2 * tile, mask=valid, other=0)
+    moff = tl.load(off_ptr + 2 * tile + 1, mask=valid, other=0)
+    u = t * UPT + ul
+    u_ok = (ul < UPT) & (u < U) & valid
+    ok = u_ok[:, None] & n_ok[None, :]
+    g_off = (u // group_units)[:, None] * N + offs_n[None, :]
+    sc = tl.load(sc_ptr + g_off, mask=ok, other=0.0)
+    if HAS_ZP:
+        zp = tl.load(zp_ptr + g_off, mask=ok, other=0).to(tl.int32)
+    else:
+        zp = tl.full([BLOCK_U, BLOCK_N], SYM_ZERO, tl.int32)
+    meta = tl.load(meta_ptr + moff + ul[:, None] * th + rloc[None, :], mask=ok & (is24 != 0), other=0)
+    n_sub = 2 - is24
+    base = vals_ptr + voff + ((ul * n_sub) * W)[:, None] * th + rloc[None, :]
+    ok1 = ok & (is24 == 0)
+    va0 = tl.load(base, mask=ok, other=0)
+    vc0 = tl.load(base + W * th, mask=ok1, other=0)
+    if BITS == 8:
+        va1 = tl.load(base + th, mask=ok, other=0)
+        vb0 = tl.load(base + 2 * th, mask=ok, other=0)
+        vb1 = tl.load(base + 3 * th, mask=ok, other=0)
+        vc1 = tl.load(base + (W + 1) * th, mask=ok1, other=0)
+        vd0 = tl.load(base + (W + 2) * th, mask=ok1, other=0)
+        vd1 = tl.load(base + (W + 3) * th, mask=ok1, other=0)
+    else:
+        vb0 = tl.load(base + th, mask=ok, other=0)
+        vd0 = tl.load(base + (W + 1) * th, mask=ok1, other=0)
+        va1 = va0
+        vb1 = vb0
+        vc1 = vc0
+        vd1 = vd0
+    g = u * 8
+    x_row = xw_ptr + m * stride_xm + g[:, None]
+    x0 = tl.broadcast_to(tl.load(x_row + 0, mask=(u_ok & (g + 0 < K4))[:, None], other=0), [BLOCK_U, BLOCK_N])
+    x1 = tl.broadcast_to(tl.load(x_row + 1, mask=(u_ok & (g + 1 < K4))[:, None], other=0), [BLOCK_U, BLOCK_N])
+    x2 = tl.broadcast_to(tl.load(x_row + 2, mask=(u_ok & (g + 2 < K4))[:, None], other=0), [BLOCK_U, BLOCK_N])
+    x3 = tl.broadcast_to(tl.load(x_row + 3, mask=(u_ok & (g + 3 < K4))[:, None], other=0), [BLOCK_U, BLOCK_N])
+    x4 = tl.broadcast_to(tl.load(x_row + 4, mask=(u_ok & (g + 4 < K4))[:, None], other=0), [BLOCK_U, BLOCK_N])
+    x5 = tl.broadcast_to(tl.load(x_row + 5, mask=(u_ok & (g + 5 < K4))[:, None], other=0), [BLOCK_U, BLOCK_N])
+    x6 = tl.broadcast_to(tl.load(x_row + 6, mask=(u_ok & (g + 6 < K4))[:, None], other=0), [BLOCK_U, BLOCK_N])
+    x7 = tl.broadcast_to(tl.load(x_row + 7, mask=(u_ok & (g + 7 < K4))[:, None], other=0), [BLOCK_U, BLOCK_N])
+    return is24, meta, va0, va1, vb0, vb1, vc0, vc1, vd0, vd1, sc, zp, x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _hybrid_decode_pf_kernel(
+    xw_ptr, flags_ptr, off_ptr, meta_ptr, vals_ptr, sc_ptr, zp_ptr, y_ptr, part_ptr, cnt_ptr,
+    M, N, K4, U, C, TR, stride_xm, stride_ym, group_units, cols_per_split,
+    SYM_ZERO: tl.constexpr, BITS: tl.constexpr, HAS_ZP: tl.constexpr, SPLIT: tl.constexpr,
+    UPT: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_ASM: tl.constexpr, ACT_DTYPE: tl.constexpr,
+):
+    # The same computation as _hybrid_decode_kernel, software-pipelined by hand: the loads of tile
+    # t+1 (both sub-units' words, the second masked off for 2:4 tiles, so no traffic) are issued
+    # before tile t is computed, so each warp keeps two tiles of loads in flight.
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    ti = (pid_n * BLOCK_N) // TR
+    th = tl.minimum(TR, N - ti * TR)
+    rloc = offs_n - ti * TR
+    ul = tl.arange(0, BLOCK_U)
+    t_begin = pid_s * cols_per_split
+    t_end = tl.minimum(t_begin + cols_per_split, C)
+
+    for m in range(0, M):
+        acc = tl.zeros([BLOCK_U, BLOCK_N], dtype=tl.float32)
+        nxt = _tile_loads(xw_ptr, flags_ptr, off_ptr, meta_ptr, vals_ptr, sc_ptr, zp_ptr, m, t_begin,
+                          t_begin < t_end, ti, th, rloc, offs_n, n_ok, ul, N, K4, U, C, stride_xm, group_units,
+                          SYM_ZERO, BITS, HAS_ZP, UPT, BLOCK_U, BLOCK_N)
+        for t in range(t_begin, t_end):
+            is24, meta, va0, va1, vb0, vb1, vc0, vc1, vd0, vd1, sc, zp, x0, x1, x2, x3, x4, x5, x6, x7 = nxt
+            nxt = _tile_loads(xw_ptr, flags_ptr, off_ptr, meta_ptr, vals_ptr, sc_ptr, zp_ptr, m, t + 1,
+                              t + 1 < t_end, ti, th, rloc, offs_n, n_ok, ul, N, K4, U, C, stride_xm, group_units,
+                              SYM_ZERO, BITS, HAS_ZP, UPT, BLOCK_U, BLOCK_N)
+            s2 = (sc.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
+            z2 = (zp + 0x6400) * 0x10001
+            # sub-unit 0: the 2:4 tile's own metadata, or positions (0, 1) of a dense tile
+            meta0 = tl.where(is24 != 0, meta, META_A)
+            acc += _half_unit(meta0, va0, va1, s2, z2, sc, zp, x0, x1, x2, x3, 0, BITS, USE_ASM, ACT_DTYPE)
+            acc += _half_unit(meta0, vb0, vb1, s2, z2, sc, zp, x4, x5, x6, x7, 1, BITS, USE_ASM, ACT_DTYPE)
+            if is24 == 0:  # dense tile: sub-unit 1, positions (2, 3)
+                meta1 = tl.zeros([BLOCK_U, BLOCK_N], dtype=tl.int32) + META_B
+                acc += _half_unit(meta1, vc0, vc1, s2, z2, sc, zp, x0, x1, x2, x3, 0, BITS, USE_ASM, ACT_DTYPE)
+                acc += _half_unit(meta1, vd0, vd1, s2, z2, sc, zp, x4, x5, x6, x7, 1, BITS, USE_ASM, ACT_DTYPE)
+        out = tl.sum(acc, axis=0)
+        if SPLIT == 1:
+            tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
+        else:
+            tl.store(part_ptr + (pid_s * M + m) * N + offs_n, out, mask=n_ok)
+
+    if SPLIT > 1:
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if done == SPLIT - 1:
+            for m in range(0, M):
+                tot = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for sp in range(SPLIT):
+                    tot += tl.load(part_ptr + (sp * M + m) * N + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptr + m * stride_ym + offs_n, tot.to(y_ptr.dtype.element_ty), mask=n_ok)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+@triton.jit
 def _hybrid_expand_kernel(
     flags_ptr, off_ptr, meta_ptr, vals_ptr, sc_ptr, zp_ptr, wt_ptr, N, K, U, C, TR, group_units,
     SYM_ZERO: tl.constexpr, BITS: tl.constexpr, HAS_ZP: tl.constexpr, UPT: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -179,6 +294,10 @@ def _hybrid_expand_kernel(
                  mask=(k < K)[:, None] & ok[None, :])
 
 
+#: Default decode variant: True = software-pipelined (_hybrid_decode_pf_kernel), False = plain.
+PREFETCH = False
+
+
 def block_n_for(lay, n_rows: int | None = None) -> int:
     """Largest power of two <= 128 that divides the tile rows (a program stays in one tile row),
     narrowed for small N."""
@@ -236,7 +355,8 @@ def hybrid_decode_linear(x2d: torch.Tensor, lay, workspace: DecodeWorkspace | No
         part, cnt = y, y  # unused
     upt = lay.units_per_tile
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
-    _hybrid_decode_kernel[grid](
+    kernel = _hybrid_decode_pf_kernel if cfg.get("PREFETCH", PREFETCH) else _hybrid_decode_kernel
+    kernel[grid](
         xw, lay.flags, lay.offsets, lay.meta, lay.vals, lay.scales,
         lay.zeros if lay.zeros is not None else lay.scales, y, part, cnt,
         m, n, k // 4, lay.units, lay.n_tile_cols, lay.tile_rows, xw.stride(0), y.stride(0), lay.group // 32,
