@@ -2,18 +2,17 @@
 # The accuracy experiments of issues 5 and 6 on a GPU machine without internet, in one command.
 # The default model, the task files and the Wikipedia text travel as two carried halves
 # (.gpukit_a, copied to /root/sqkit by an earlier call, and .gpukit_b): see experiments/README.md.
-# Results: $OUT/paper.tgz (run folders without the weights, report, sensitivity).
+# Rows already measured travel in .gpukit_b/seed (run folders without weights) and are skipped.
+# Call it again while the machine is still warm and it goes on with the rows left.
+# Results: $OUT/paper.tgz (run folders without the weights, and the report).
 set -u
 bash experiments/gpukit_setup.sh || exit 1
 export SPARSEQUANT_CACHE=/root/sqcache PYTHONPATH=src TQDM_DISABLE=1
 nvidia-smi -L
-timeout 420 python experiments/paper_table.py --out /tmp/paper --device cuda --rows all --keep-going \
-    --deadline-s ${DEADLINE_S:-330} 2>&1 | grep -v "^\s*$" | tail -80
-timeout 100 python -m sparsequant.cli sensitivity --recipe 2:4-w4a16-sparsegpt --out /tmp/paper/sensitivity \
-    --units layer,type --target-sparsity 0.45 --write-recipe /tmp/paper/selective45.yaml --device cuda --dtype float32 2>&1 | tail -30
-if [ -f /tmp/paper/selective45.yaml ]; then
-  timeout 70 python experiments/paper_table.py --out /tmp/paper --device cuda --rows 24-w4-sparsegpt \
-      --recipe-row selective45=/tmp/paper/selective45.yaml --keep-going 2>&1 | tail -30
-fi
+mkdir -p /tmp/paper
+[ -d .gpukit_b/seed ] && cp -rn .gpukit_b/seed/* /tmp/paper/
+D=${DEADLINE_S:-400}
+timeout $((D + 160)) python experiments/paper_table.py --out /tmp/paper --device cuda --rows ${ROWS:-all} --keep-going \
+    --deadline-s $D 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]\|req/s\]\|^\s*$" | tail -60
 tar czf $OUT/paper.tgz --exclude=model.safetensors -C /tmp paper
 ls -la $OUT

@@ -210,3 +210,17 @@ def test_repeated_dense_rows_kept_once(tmp_path):
     rows, _ = collect(files)
     assert sum(r.is_dense for r in rows) == 1 and len(rows) == 3
     assert rows[2].quantization.startswith("joint")
+
+
+def test_recovery_and_overrides_are_named_in_the_row():
+    base = {"method": "sparsegpt", "pattern": "2:4", "joint": True,
+            "quant": {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": True}}
+    plain = rp._row_from_recipe(base, "a", "x")
+    assert plain.pruning == "SparseGPT" and plain.sparsity == "2:4"
+    slim = rp._row_from_recipe({**base, "adapter": {"rank": 0.1, "bits": 4}}, "b", "x")
+    assert slim.pruning == "SparseGPT + SLiM r0.1 int4"
+    assert rp._label(slim) == "sparsegpt 2:4 + joint int4 g128 + SLiM r0.1 int4"
+    vcft = rp._row_from_recipe({**base, "recovery": {"variance_correction": True, "finetune_steps": 200}}, "c", "x")
+    assert vcft.pruning == "SparseGPT + VC + FT200"
+    sel = rp._row_from_recipe({**base, "overrides": [{"match": "model.layers.0.*", "pattern": "dense"}]}, "d", "x")
+    assert sel.sparsity == "2:4 (some layers dense)" and rp._label(sel).startswith("sparsegpt 2:4* ")

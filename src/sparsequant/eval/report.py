@@ -112,6 +112,26 @@ def _sparsity_label(pattern: str | None) -> tuple[str, bool]:
     return f"Unstructured {value:.0%}" + (" (matrix)" if per_matrix else ""), False
 
 
+def _overrides_keep_dense(recipe: dict) -> bool:
+    return any(str(o.get("pattern", "")).strip().lower() == "dense" for o in recipe.get("overrides") or [])
+
+
+def _recovery_label(recipe: dict) -> str:
+    """The recovery methods a recipe used, short: 'SLiM r0.1 int4', 'VC', 'FT200' (joined by ' + ')."""
+    parts = []
+    adapter = recipe.get("adapter")
+    if adapter:
+        bits = adapter.get("bits")
+        parts.append(f"SLiM r{adapter.get('rank'):g}" + (f" int{bits}" if bits else ""))
+    rec = recipe.get("recovery") or {}
+    vc = rec.get("variance_correction")
+    if vc:
+        parts.append("VC" if vc is True or vc == "std" else f"VC-{vc}")
+    if rec.get("finetune_steps"):
+        parts.append(f"FT{rec['finetune_steps']}")
+    return " + ".join(parts)
+
+
 def _row_from_recipe(recipe: dict | None, run: str, source: str) -> ReportRow:
     if not recipe:
         return ReportRow(run, source, None, "-", "Dense", 16, "-", 1.0, 16.0, 1.0, is_dense=True)
@@ -119,8 +139,11 @@ def _row_from_recipe(recipe: dict | None, run: str, source: str) -> ReportRow:
     q = recipe.get("quant")
     method = str(recipe.get("method", "?"))
     pruning = "-" if dense_pattern else _PRUNER_NAMES.get(method.lower(), method)
-    if recipe.get("skip") and not dense_pattern:
+    if (recipe.get("skip") or _overrides_keep_dense(recipe)) and not dense_pattern:
         sparsity += " (some layers dense)"
+    recovery = _recovery_label(recipe)
+    if recovery and not dense_pattern:
+        pruning = f"{pruning} + {recovery}"
     is_dense = dense_pattern and not q
     qlabel = _quant_label(q)
     if q and not dense_pattern and recipe.get("joint") and method.lower() == "sparsegpt":
@@ -239,10 +262,12 @@ def _label(row: ReportRow) -> str:
     parts = []
     if row.sparsity != "-":
         sp = row.sparsity.replace("Unstructured ", "").replace(" (some layers dense)", "*")
-        parts.append(f"{row.pruning.lower()} {sp}")
+        parts.append(f"{row.pruning.split(' + ', 1)[0].lower()} {sp}")
     if row.quantization != "-":
         q = row.quantization.split()
         parts.append(" ".join([f"{q[0].lower()} int{row.bitwidth}", *q[1:]]).replace("per-channel", "pc"))
+    if " + " in row.pruning:  # recovery methods ride in the Pruning column
+        parts.append(row.pruning.split(" + ", 1)[1])
     return " + ".join(parts) or row.run
 
 

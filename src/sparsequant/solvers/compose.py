@@ -27,7 +27,10 @@ class LinearPlan:
 
     @property
     def uses_joint(self) -> bool:
-        return self.joint and self.quant is not None and not self.sparsity.is_dense and self.prune in JOINT
+        # A dense pattern stays joint: SparseGPT with nothing to prune is GPTQ, so a layer a recipe
+        # keeps dense (an override, a selective recipe) gets the same error compensation as its
+        # pruned neighbours instead of falling back to plain round-to-nearest.
+        return self.joint and self.quant is not None and self.prune in JOINT
 
     @property
     def needs_hessian(self) -> bool:
