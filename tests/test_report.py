@@ -224,3 +224,12 @@ def test_recovery_and_overrides_are_named_in_the_row():
     assert vcft.pruning == "SparseGPT + VC + FT200"
     sel = rp._row_from_recipe({**base, "overrides": [{"match": "model.layers.0.*", "pattern": "dense"}]}, "d", "x")
     assert sel.sparsity == "2:4 (some layers dense)" and rp._label(sel).startswith("sparsegpt 2:4* ")
+
+
+def test_off_scale_perplexities_are_clipped_for_display_only():
+    assert rp.display_cap([25.0, 80.0, 1000.0], log_y=True) is None
+    cap = rp.display_cap([25.0, 80.0, 6e6], log_y=True)
+    assert cap == pytest.approx(25.0 * 10**rp.MAX_DECADES)
+    assert rp.display_cap([25.0, 6e6], log_y=False) is None
+    # the front is decided on the true values: 2-bit at 4e5 beats 6e6 with more bits, so stays on it
+    assert rp.pareto_front([2.25, 3.0, 16.0], [6e6, 4e5, 25.0], higher_is_better=False) == [0, 1, 2]

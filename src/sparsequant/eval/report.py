@@ -417,7 +417,12 @@ def _place_labels(ax, xs, ys, labels, renderer, fontsize=7.5):
     offsets = [(6, 4, "left", "bottom"), (6, -4, "left", "top"), (-6, 4, "right", "bottom"),
                (-6, -4, "right", "top"), (0, 9, "center", "bottom"), (0, -9, "center", "top"),
                (10, 16, "left", "bottom"), (10, -16, "left", "top"), (-10, 16, "right", "bottom"),
-               (-10, -16, "right", "top"), (0, 24, "center", "bottom"), (0, -24, "center", "top")]
+               (-10, -16, "right", "top"), (0, 24, "center", "bottom"), (0, -24, "center", "top"),
+               # crowded regions: further out, joined to the point by a leader line
+               (24, 32, "left", "bottom"), (24, -32, "left", "top"), (-24, 32, "right", "bottom"),
+               (-24, -32, "right", "top"), (0, 44, "center", "bottom"), (0, -44, "center", "top"),
+               (40, 56, "left", "bottom"), (40, -56, "left", "top"), (-40, 56, "right", "bottom"),
+               (-40, -56, "right", "top")]
     placed = []
     for i in sorted(range(len(labels)), key=lambda i: pix[i][0]):
         best, best_cost = None, None
@@ -451,11 +456,30 @@ def _points(rows, values, log_y):
             if v is not None and r.bits_per_weight and math.isfinite(v) and (v > 0 or not log_y)]
 
 
+#: A log-scale panel shows at most this many decades above its lowest point; higher points (a
+#: collapsed 2-bit model at ppl 10^6) sit on the top edge as triangles with their value in the label,
+#: so the 20-2000 range where recipes differ is not squeezed into a sliver.
+MAX_DECADES = 2.5
+
+
+def display_cap(ys, log_y: bool) -> float | None:
+    if not log_y or not ys:
+        return None
+    cap = min(ys) * 10**MAX_DECADES
+    return cap if max(ys) > cap else None
+
+
 def _panel(ax, pts, higher_is_better, ylabel, log_y, xrange):
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    front = pareto_front(xs, ys, higher_is_better)
+    xs, real = [p[0] for p in pts], [p[1] for p in pts]
+    front = pareto_front(xs, real, higher_is_better)  # on the true values, not the clipped ones
+    cap = display_cap(real, log_y)
+    ys = real if cap is None else [min(y, cap) for y in real]
     on = set(front)
     off = [i for i in range(len(xs)) if i not in on]
+    if cap is not None:
+        over = [i for i in range(len(xs)) if real[i] > cap]
+        ax.scatter([xs[i] for i in over], [cap] * len(over), s=70, marker="^", facecolor="none",
+                   edgecolor="0.3", lw=0.8, zorder=5, label=f"off scale (> {cap:,.0f})")
     if off:
         ax.scatter([xs[i] for i in off], [ys[i] for i in off], s=28, color="#7f9cbf", edgecolor="#3b5b82", lw=0.6,
                    zorder=3, label="dominated")
@@ -538,8 +562,11 @@ def plot(rows: list[ReportRow], path, title: str | None = None) -> dict[str, lis
         # Labels last: their placement measures text in display space, which the layout fixes.
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()
-        for ax, (_, pts, *_rest) in zip(axes[0], panels):
-            _place_labels(ax, [p[0] for p in pts], [p[1] for p in pts], [p[2].label for p in pts], renderer)
+        for ax, (_, pts, _h, _yl, log_y, _t) in zip(axes[0], panels):
+            ys = [p[1] for p in pts]
+            cap = display_cap(ys, log_y)
+            labels = [p[2].label + (f" (ppl {y:,.0f})" if cap is not None and y > cap else "") for p, y in zip(pts, ys)]
+            _place_labels(ax, [p[0] for p in pts], [y if cap is None else min(y, cap) for y in ys], labels, renderer)
         fig.savefig(Path(path))
     finally:
         plt.close(fig)
