@@ -88,6 +88,11 @@ def one_layout(args) -> None:
             failed.append(name)
             log(f"FAIL {name}: rel {e:.3g} (tol {tol})")
 
+    def dump():
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "one_layout.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
     log("== correctness (fresh random inputs, float64 reference) ==")
     for (n, k) in shapes:
         for bits, group, dtype in ((4, 128, torch.float16), (4, 128, torch.bfloat16), (8, None, torch.float16)):
@@ -115,6 +120,7 @@ def one_layout(args) -> None:
             del state, w, wd
     res["correct"] = not failed
     log(f"correctness: {len(res['checks'])} checks, {'all passed' if not failed else f'{len(failed)} FAILED'}")
+    dump()
 
     log("== timing (CUDA graphs, rotated weight copies, median us per call) ==")
     for (n, k) in shapes:
@@ -139,7 +145,8 @@ def one_layout(args) -> None:
             if m == 1:
                 row["before"] = time_graph([lambda l=l, ws=ws: decode_linear(x, l, ws) for l, ws in zip(tris, wss)])
                 row["before_path"] = "triton decode"
-            elif m > 128:
+            elif m > kernels.MMA_SP_TOKENS[1] or (m >= kernels.MMA_SP_LARGE_TOKENS
+                                                   and n * k < kernels.MMA_SP_LARGE_MIN_WEIGHTS):
                 row["before"] = time_graph([lambda l=l: expand_linear(x, l) for l in tris[:4]])
                 row["before_path"] = "triton-layout PTX expand + cuBLAS"
                 row["expand_mma_cublas"] = time_graph([lambda s=s: expand_mma_linear(x, s.mma.layout) for s in states[:4]])
@@ -149,10 +156,8 @@ def one_layout(args) -> None:
                                                               if "before" in row else ""))
         del states, tris, wds
         torch.cuda.empty_cache()
+        dump()  # after every shape: a run cut short keeps what it measured
 
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "one_layout.json"), "w") as f:
-        json.dump(res, f, indent=1)
     log("\n| shape | state MB | vs fp16 | two layouts MB |")
     log("|---|---|---|---|")
     for sh, bts in res["bytes"].items():
