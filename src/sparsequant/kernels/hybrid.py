@@ -11,7 +11,10 @@ import torch
 from .hybrid_layout import build_hybrid_layout
 
 #: Largest token count sent to the hybrid decode kernel; more tokens expand W and use cuBLAS.
-HYBRID_DECODE_MAX_TOKENS = 8
+#: H100 (BENCHMARKS.md, '### Hybrid tiles'): decode 9-18 us at 1 token and 80-230 us at 16, expand +
+#: cuBLAS 37-108 us whatever the count up to 128; decode time grows ~linearly with the tokens, so
+#: the crossover lies near 4 (4096x4096) to 8 (11008-wide) tokens: 4 (interpolated, not timed at 2-8).
+HYBRID_DECODE_MAX_TOKENS = 4
 
 
 class HybridState:

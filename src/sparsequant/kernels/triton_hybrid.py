@@ -7,6 +7,9 @@ reads the flag and the tile's word offsets, then walks the tile's units. A 2:4 t
 (triton_decode._half_unit, PTX on fp16). A dense tile is two sub-units per unit, positions (0, 1)
 and (2, 3), with constant metadata: the same arithmetic, twice the value words, no metadata read.
 The flag thus sets the trip count of the sub-unit loop and where its metadata comes from.
+The default variant (``_hybrid_decode_pf_kernel``, ``PREFETCH``) is software-pipelined: it issues
+tile t+1's loads before computing tile t (measured faster on an H100; the plain kernel is kept for
+comparison and as the simplest statement of the computation).
 
 Many tokens: ``expand_hybrid_t`` writes the dequantized ``W^T [K, N]`` in the activation dtype
 (one program per row block and tile column, branch-free on the flag: a dense tile reads sub-unit
@@ -295,7 +298,13 @@ def _hybrid_expand_kernel(
 
 
 #: Default decode variant: True = software-pipelined (_hybrid_decode_pf_kernel), False = plain.
-PREFETCH = False
+#: H100, 1 token, 35% (BENCHMARKS.md, '### Hybrid tiles'): pipelined with split 8 was the fastest
+#: configuration on all three LLaMA-2-7B shapes (9.2 / 16.7 / 15.5 us vs 10.8 / 17.2 / 16.5 plain).
+PREFETCH = True
+#: Most split-K programs per row block; each program keeps >= MIN_TILES_PER_SPLIT tile columns so
+#: the pipelined loop has tiles to overlap (split 32, one tile per program, was 15-40% slower).
+MAX_SPLIT = 8
+MIN_TILES_PER_SPLIT = 4
 
 
 def block_n_for(lay, n_rows: int | None = None) -> int:
@@ -311,11 +320,11 @@ def block_n_for(lay, n_rows: int | None = None) -> int:
 
 
 def pick_hybrid_decode_config(lay, m: int, sms: int = 132) -> dict:
-    """Row block and split-K: ~4 programs of 4 warps per SM, at least one tile column each."""
+    """Row block (128 rows where the tile rows allow) and split-K (up to MAX_SPLIT, at least
+    MIN_TILES_PER_SPLIT tile columns per program), from the H100 sweep in bench_hybrid.py."""
     block_n = block_n_for(lay)
-    tiles = -(-lay.n // block_n)
     split = 1
-    while tiles * split < 4 * sms and split * 2 <= lay.n_tile_cols:
+    while split < MAX_SPLIT and lay.n_tile_cols // (split * 2) >= MIN_TILES_PER_SPLIT:
         split *= 2
     return dict(BLOCK_N=block_n, SPLIT=split, num_warps=4)
 
