@@ -5,7 +5,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 
 @torch.no_grad()
@@ -15,7 +15,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
     device = next(model.parameters()).device
     total_nll = 0.0
     total_tokens = 0
-    bar = tqdm(total=len(windows), desc=desc, disable=not progress, leave=False, unit="win")
+    bar = progress_bar(total=len(windows), desc=desc, enabled=bool(progress), leave=False, unit="win")
     for start in range(0, len(windows), batch_size):
         batch = windows[start:start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits

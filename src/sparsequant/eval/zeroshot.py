@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from ..errors import DataError
 from .tasks import Task, TaskItem, load_task
@@ -364,8 +364,8 @@ def score_requests(
     results: list[RequestScore | None] = [None] * len(pairs)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(pairs), desc=progress if isinstance(progress, str) else "loglikelihood",
-               disable=not progress, unit="req", dynamic_ncols=True)
+    bar = progress_bar(total=len(pairs), desc=progress if isinstance(progress, str) else "loglikelihood",
+               enabled=bool(progress), unit="req", dynamic_ncols=True)
     try:
         unshared: list[_Group] = []
         for gbatch in _group_batches(shared, batch_size, max_batch_tokens):

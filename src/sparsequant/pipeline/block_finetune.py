@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..errors import NonFiniteWeightError
 from ..quant import QuantParams
@@ -210,7 +210,7 @@ def finetune_block(layer: nn.Module, linears: dict[str, nn.Linear], weights: dic
     tunables = {n: _Tunable(weights[n], biases[n], stds[n], device) for n in linears}
     optimizer = torch.optim.Adam([p for t in tunables.values() for p in t.params()], lr=lr)
     history: list[float] = []
-    bar = tqdm(total=steps, desc=desc, unit="step", leave=False, disable=not progress)
+    bar = progress_bar(total=steps, desc=desc, unit="step", leave=False, enabled=bool(progress))
     frozen = [(p, p.requires_grad) for p in layer.parameters()]  # only the tunables get gradients
     for p, _ in frozen:
         p.requires_grad_(False)

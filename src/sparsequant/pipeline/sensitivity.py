@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..checkpoint.packed import PackedWeight
 from ..errors import RecipeError
@@ -172,7 +172,7 @@ def layer_sensitivity(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor,
     compressed: dict[str, dict[str, tuple[PackedWeight, torch.Tensor | None]]] = {}  # per layer
     rows: list[UnitRow] = []
     units = len(layers) * ("layer" in kinds)
-    bar = tqdm(total=len(layers) + units, desc="sensitivity", unit="step", disable=not progress)
+    bar = progress_bar(total=len(layers) + units, desc="sensitivity", unit="step", enabled=bool(progress))
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()
         linears = layer_linears(layer)
@@ -211,7 +211,7 @@ def layer_sensitivity(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor,
     bar.close()
     if "type" in kinds:
         names = sorted({n for mine in compressed.values() for n in mine}, key=_type_order)
-        for name in tqdm(names, desc="sensitivity by type", disable=not progress):
+        for name in progress_bar(names, desc="sensitivity by type", enabled=bool(progress)):
             t0 = time.perf_counter()
             per_layer = {i: mine[name] for i, mine in compressed.items() if name in mine}
             saved = {i: _swap_in({name: layer_linears(layers[i])[name]}, _weights({name: pb}))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..checkpoint.packed import PackedWeight
 from ..models.families import decoder_layers, family_of, layer_linears, layers_prefix
@@ -129,7 +129,7 @@ def compress_model(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor, *,
     linear_reports: list[LinearReport] = []
     layer_reports: list[LayerReport] = []
     hidden = inputs.hidden
-    bar = tqdm(total=len(layers), desc="compress", unit="layer", disable=not progress)
+    bar = progress_bar(total=len(layers), desc="compress", unit="layer", enabled=bool(progress))
     for index, layer in enumerate(layers):
         t_layer = time.perf_counter()
         layer.to(device)
