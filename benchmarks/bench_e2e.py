@@ -14,7 +14,9 @@
    same engine and plain transformers generate, batches 1/8/32/128, prompts 128/2048, configurations
    that do not fit skipped, the time budget respected; weight memory and the acceptance ratios.
    ``--compile`` / ``--no-compile`` choose the decode step (default: compiled when it works);
-   ``--compile-compare`` times both (engines '<name>' and '<name>-compiled').
+   ``--compile-compare`` times both (engines '<name>' and '<name>-compiled'). ``--embed-int8`` gives
+   the sparse engines an int8 input embedding (int8 rows + per-row scales; issue 7's <= 0.22x memory
+   target) and adds a GPU-vs-CPU greedy check of it to the correctness phase.
 
 Results go to $OUT (or --out): bench_e2e.json, bench_e2e.md, bench_e2e.png. The short table is
 printed last. The exit status is 1 when a correctness check failed (timings still run).
@@ -49,7 +51,7 @@ def log(msg: str) -> None:
 
 # -- 1. correctness -------------------------------------------------------------------------
 @torch.no_grad()
-def correctness(results: dict) -> bool:
+def correctness(results: dict, embed_int8: bool = False) -> bool:
     from transformers import AutoModelForCausalLM
 
     checks = results.setdefault("checks", {})
@@ -107,6 +109,18 @@ def correctness(results: dict) -> bool:
                                                    "equal_tokens_per_prompt": [sum(a == b for a, b in zip(x, y))
                                                                                for x, y in zip(t_comp, t_plain)]}
 
+    if embed_int8:  # the same checkpoint with an int8 input embedding: GPU (compiled graph) vs CPU reference
+        ref8, _ = sq.load(tmp / "ck", dtype=torch.float16, embed_int8=True)
+        fast8, _ = sq.load(tmp / "ck", device="cuda", embed_int8=True)
+        t8_ref = generate(ref8, prompts, max_new_tokens=32, eos_token_id=[]).tokens
+        t8_gpu = generate(fast8, prompts, max_new_tokens=32, eos_token_id=[]).tokens
+        emb = fast8.get_input_embeddings()
+        checks["int8_embedding_greedy_gpu_vs_cpu_reference"] = {
+            "ok": t8_gpu == t8_ref and emb.codes.is_cuda and emb.codes.dtype == torch.int8,
+            "equal_tokens_per_prompt": [sum(a == b for a, b in zip(x, y)) for x, y in zip(t8_gpu, t8_ref)],
+            "equal_tokens_to_fp16_embedding": [sum(a == b for a, b in zip(x, y)) for x, y in zip(t8_gpu, t_gpu)]}
+        del fast8
+
     # 2:4 fp8 W8A8 twin of a dense fp16 tiny model: within fp8 tolerance of its W8A16 reference
     dense = syn.build_dense(syn.synthetic_config("tiny-llama"), device="cuda", seed=3)
     w8, _ = syn.sparse_twin(dense, "2:4-w8a16")
@@ -131,14 +145,15 @@ def speed(args, results: dict):
     cfg = syn.synthetic_config(args.config, args.layers)
     log(f"building {args.config} with {cfg.num_hidden_layers} layers (random fp16 on the GPU)")
     dense = syn.build_dense(cfg, device=args.device, dtype=torch.float16, seed=0)
-    sparse, pack_s = syn.sparse_twin(dense, "2:4-w4a16")
-    log(f"2:4 W4A16 g128 packing + kernel layout: {pack_s:.1f} s packing for {cfg.num_hidden_layers} layers")
+    sparse, pack_s = syn.sparse_twin(dense, "2:4-w4a16", embed_int8=args.embed_int8)
+    log(f"2:4 W4A16 g128 packing + kernel layout: {pack_s:.1f} s packing for {cfg.num_hidden_layers} layers"
+        + (" (int8 input embedding)" if args.embed_int8 else ""))
     engines = {"sparse": sparse}
     meta = {"model": f"{args.config} ({cfg.num_hidden_layers} layers)", "config": args.config,
-            "layers": cfg.num_hidden_layers, "pack_seconds_w4a16": pack_s}
+            "layers": cfg.num_hidden_layers, "pack_seconds_w4a16": pack_s, "embed_int8": args.embed_int8}
     if not args.no_fp8 and args.device == "cuda":
         try:
-            fp8, s8 = syn.sparse_twin(dense, "2:4-fp8")
+            fp8, s8 = syn.sparse_twin(dense, "2:4-fp8", embed_int8=args.embed_int8)
             engines["sparse-fp8"] = fp8
             meta["pack_seconds_fp8"] = s8
             log(f"2:4 fp8 twin: {s8:.1f} s")
@@ -228,6 +243,9 @@ def main(argv=None) -> int:
                    help="torch.compile the decode step before graph capture (default: on when it works)")
     p.add_argument("--compile-compare", action="store_true",
                    help="time each engine with the uncompiled and the compiled decode step")
+    p.add_argument("--embed-int8", action="store_true",
+                   help="sparse engines hold the input embedding as int8 rows + per-row scales "
+                   "(weight memory counts codes + scales; the correctness phase also checks it)")
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--device", default="cuda", help="cpu: a dry run of the timing phase (tests; no correctness phase)")
     args = p.parse_args(argv)
@@ -239,7 +257,7 @@ def main(argv=None) -> int:
     ok = True
     if not args.skip_correctness and args.device == "cuda":
         try:
-            ok = correctness(results)
+            ok = correctness(results, args.embed_int8)
         except Exception:
             ok = False
             results["correctness_error"] = traceback.format_exc()

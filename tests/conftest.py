@@ -48,6 +48,21 @@ def tiny_model(family: str, seed: int = 0):
     return model.eval()
 
 
+def exact_embedding(model, seed: int = 0):
+    """Give ``model`` an input embedding that int8 per-row quantization (nn/embedding.py) reproduces
+    exactly: integer codes in [-127, 127] (each row reaching +-127) times a power-of-two scale per
+    row, so the table is also exact in a float16 checkpoint (7-bit codes times 2**-k)."""
+    emb = model.get_input_embeddings()
+    v, d = emb.weight.shape
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-127, 128, (v, d), generator=g)
+    codes[:, 0] = torch.where(torch.rand(v, generator=g) < 0.5, -127, 127)
+    scales = 2.0 ** -torch.randint(5, 9, (v,), generator=g).float()
+    with torch.no_grad():
+        emb.weight.copy_(codes.float() * scales[:, None])
+    return model
+
+
 def random_ids(n: int, seq_len: int, vocab: int = 256, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, seq_len), generator=g)

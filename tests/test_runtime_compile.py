@@ -11,11 +11,12 @@ import torch
 from torch._dynamo.utils import counters
 
 from sparsequant.nn import linear_op
+from sparsequant.nn.embedding import Int8Embedding, quantize_input_embedding
 from sparsequant.nn.linear import SparseQuantLinear
 from sparsequant.runtime import synthetic as syn
 from sparsequant.runtime.engine import DecodeEngine, left_pad
 
-from conftest import random_ids, tiny_model
+from conftest import exact_embedding, random_ids, tiny_model
 
 
 def _sparse_linear(n=48, k=128, bias=True, seed=0):
@@ -68,6 +69,20 @@ def test_compiled_step_equals_eager_and_never_recompiles(family):
     with torch._dynamo.config.patch(error_on_recompile=True):
         again_t, _ = _run(compiled, ids.flip(0), mask.flip(0), 4)
     assert again_t == _run(eager, ids.flip(0), mask.flip(0), 4)[0]
+
+
+def test_compiled_step_with_an_int8_embedding_equals_the_eager_float_embedding():
+    # the table is exactly representable, so the int8 lookup changes no value: tokens must agree
+    model = _compressed(exact_embedding(tiny_model("llama", seed=3)))
+    small = copy.deepcopy(model)
+    assert isinstance(quantize_input_embedding(small), Int8Embedding)
+    rows = [random_ids(1, n, seed=n)[0].tolist() for n in (7, 3)]
+    ids, mask = left_pad(rows, 0)
+    want_t, want_l = _run(DecodeEngine(model, 2, 32, compile=False), ids, mask, 6)
+    got_t, got_l = _run(DecodeEngine(small, 2, 32, compile=True), ids, mask, 6)
+    assert got_t == want_t
+    for a, b in zip(got_l, want_l):
+        assert float((a - b).abs().max()) < 1e-4 * max(1.0, float(b.abs().max()))
 
 
 def test_engine_defaults_to_uncompiled_on_the_cpu():

@@ -6,12 +6,14 @@ from hypothesis import strategies as st
 
 import sparsequant as sq
 from sparsequant.errors import SparseQuantError
+from sparsequant.nn.embedding import Int8Embedding
 from sparsequant.recipe import CalibrationConfig, QuantConfig, Recipe
 from sparsequant.runtime.engine import DecodeEngine, left_pad
 from sparsequant.runtime.generate import generate
 from sparsequant.runtime.sampling import filter_logits, next_tokens
+from sparsequant.runtime.synthetic import compress_model_nm24
 
-from conftest import random_ids, tiny_model
+from conftest import exact_embedding, random_ids, tiny_model
 
 NO_EOS = []  # random models emit the config's EOS id by chance; these tests compare full lengths
 
@@ -119,3 +121,17 @@ def test_loaded_checkpoint_generates_like_the_in_memory_compressed_model(tmp_pat
     want = generate(result.model, rows, max_new_tokens=12, eos_token_id=NO_EOS).tokens
     assert generate(loaded, rows, max_new_tokens=12, eos_token_id=NO_EOS).tokens == want
     assert sq.generate(tmp_path / "ck", rows, device="cpu", max_new_tokens=12, eos_token_id=NO_EOS).tokens == want
+
+
+def test_int8_embedding_engine_greedy_tokens_equal_with_an_exactly_representable_embedding(tmp_path):
+    model = exact_embedding(tiny_model("llama", seed=6))
+    result = compress_model_nm24(model, bits=4, group_size=32)
+    sq.save(result, tmp_path / "ck")
+    plain, _ = sq.load(tmp_path / "ck")
+    small, _ = sq.load(tmp_path / "ck", embed_int8=True)
+    q = small.get_input_embeddings()
+    assert isinstance(q, Int8Embedding)  # exact table: int8 lookups give the float table's rows bit for bit
+    assert torch.equal(q.dequantize(), plain.get_input_embeddings().weight)
+    rows = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    want = generate(plain, rows, max_new_tokens=10, eos_token_id=NO_EOS).tokens
+    assert generate(small, rows, max_new_tokens=10, eos_token_id=NO_EOS).tokens == want

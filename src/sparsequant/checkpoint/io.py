@@ -124,7 +124,8 @@ def _read_tensors(path: Path, expected_sha: str | None, verify: bool) -> dict[st
         raise CheckpointError(f"{file} cannot be read ({exc}); the file is corrupt or truncated") from None
 
 
-def load_checkpoint(path, device="cpu", verify: bool = True, dtype: torch.dtype | None = None):
+def load_checkpoint(path, device="cpu", verify: bool = True, dtype: torch.dtype | None = None,
+                    embed_int8: bool = False):
     """Rebuild ``(model, tokenizer, meta)`` from a checkpoint folder.
 
     Compressed linears become SparseQuantLinear modules holding the packed tensors; everything
@@ -133,7 +134,9 @@ def load_checkpoint(path, device="cpu", verify: bool = True, dtype: torch.dtype 
     made. ``dtype`` is the compute dtype: by default the one recorded at compression time on the
     CPU, and the storage dtype (float16/bfloat16, what the kernels take) on a GPU. On a GPU each
     compressed linear gets its kernel state built once, and only the kernel's copy of its packed
-    bits lives there (``nn.convert.place_on_device``).
+    bits lives there (``nn.convert.place_on_device``). ``embed_int8`` stores the input embedding as
+    int8 rows + one scale per row (``nn/embedding.py``), quantized here from the stored table; a
+    checkpoint with tied embeddings is refused.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -182,6 +185,10 @@ def load_checkpoint(path, device="cpu", verify: bool = True, dtype: torch.dtype 
     if empty:
         raise CheckpointError(f"checkpoint leaves tensors without values: {empty[:5]}{'...' if len(empty) > 5 else ''}")
     model.eval()
+    if embed_int8:
+        from ..nn.embedding import quantize_input_embedding
+
+        quantize_input_embedding(model, compute_dtype)  # before the move: the fp16 table never reaches the device
     place_on_device(model, device, compute_dtype)
     tokenizer = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():

@@ -51,6 +51,9 @@ def add_parser(subparsers, common_parent):
                    "when it works); --compile-compare times both, as '<engine>' and '<engine>-compiled'")
     p.add_argument("--compile-compare", action="store_true",
                    help="time every engine with the uncompiled and the compiled decode step")
+    p.add_argument("--embed-int8", action="store_true",
+                   help="the sparse engines hold the input embedding as int8 rows + one scale per row "
+                   "(the dense baseline keeps fp16); refused for tied embeddings")
     p.add_argument("--out", help="folder for bench.json, bench.md and bench.png")
     p.set_defaults(func=run)
     return p
@@ -73,25 +76,26 @@ def build_engines(args, device, log=print):
     engines = {}
     t0 = time.perf_counter()
     if is_checkpoint(args.model):
-        sparse, _ = api.load(args.model, device=device, dtype=torch.float16)
+        sparse, _ = api.load(args.model, device=device, dtype=torch.float16, embed_int8=args.embed_int8)
         dense = syn.dense_twin(sparse)
         meta["source"] = "checkpoint"
         fp8 = None
     elif args.model in syn.CONFIGS:
         cfg = syn.synthetic_config(args.model, args.layers)
         dense = syn.build_dense(cfg, device=device, dtype=torch.float16, seed=0)
-        sparse, pack_s = syn.sparse_twin(dense, args.scheme)
+        sparse, pack_s = syn.sparse_twin(dense, args.scheme, embed_int8=args.embed_int8)
         meta.update(source="synthetic", scheme=args.scheme, layers=cfg.num_hidden_layers,
                     full_layers=syn.CONFIGS[args.model]["num_hidden_layers"], pack_seconds=pack_s)
         fp8 = None
         if (wanted is None and device.type == "cuda") or (wanted and "sparse-fp8" in wanted):
             if device.type != "cuda":
                 raise SparseQuantError("the sparse-fp8 engine needs a CUDA device")
-            fp8, meta["pack_seconds_fp8"] = syn.sparse_twin(dense, "2:4-fp8")
+            fp8, meta["pack_seconds_fp8"] = syn.sparse_twin(dense, "2:4-fp8", embed_int8=args.embed_int8)
     else:
         raise SparseQuantError(f"{args.model} is neither a sparsequant checkpoint nor a synthetic config "
                                f"({', '.join(syn.CONFIGS)})")
     meta["build_seconds"] = time.perf_counter() - t0
+    meta["embed_int8"] = bool(args.embed_int8)
     order = wanted or ["sparse", "sparse-fp8", "dense", "transformers"]
     for name in order:
         model = {"sparse": sparse, "dense": dense, "transformers": dense, "sparse-fp8": fp8}[name]

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import SparseQuantError
+from ..nn.embedding import embedding_device_dtype, vocab_size_of
 from .engine import DecodeEngine
 
 #: Priority of (prompt length, batch): the configurations the acceptance criteria name come first,
@@ -179,7 +180,7 @@ def measure_engine(model, name: str, batch: int, prompt_len: int, s: BenchSettin
                    prefill_only: bool = False, options: dict | None = None) -> BenchRow:
     row = BenchRow(name, batch, prompt_len)
     device = timer.device
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = vocab_size_of(model)
     g = torch.Generator().manual_seed(s.seed + batch * 7919 + prompt_len)
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=g)
     steps_total = s.warmup + s.repeats * s.steps + 2
@@ -215,7 +216,7 @@ def measure_engine(model, name: str, batch: int, prompt_len: int, s: BenchSettin
 def measure_transformers(model, batch: int, prompt_len: int, s: BenchSettings, timer: _Timer) -> BenchRow:
     row = BenchRow("transformers", batch, prompt_len)
     device = timer.device
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = vocab_size_of(model)
     g = torch.Generator().manual_seed(s.seed + batch * 7919 + prompt_len)
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
     mask = torch.ones_like(ids)
@@ -265,7 +266,7 @@ def run_bench(engines: dict, s: BenchSettings, meta: dict | None = None, log=pri
         raise SparseQuantError("nothing to benchmark")
     engines = {n: (e if isinstance(e, tuple) else (e, {})) for n, e in engines.items()}
     first = next(iter(engines.values()))[0]
-    device = first.get_input_embeddings().weight.device
+    device = embedding_device_dtype(first)[0]
     timer = _Timer(device)
     report = BenchReport(meta=dict(meta or {}))
     t_start = time.perf_counter()

@@ -28,14 +28,15 @@ from __future__ import annotations
 import torch
 
 from ..errors import SparseQuantError
+from ..nn.embedding import embedding_device_dtype
 from .compile import compile_step, default_compile
 from .kv_cache import StaticKVCache
 from .masks import MaskBuilder
 
 
 def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
-    w = model.get_input_embeddings().weight
-    return w.device, w.dtype
+    # the input embedding's device and output dtype: a plain table or an Int8Embedding (no .weight)
+    return embedding_device_dtype(model)
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

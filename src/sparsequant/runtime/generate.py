@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..errors import SparseQuantError
+from ..nn.embedding import vocab_size_of
 from .engine import DecodeEngine, left_pad, model_device_dtype
 from .sampling import check_sampling, next_tokens
 
@@ -77,7 +78,7 @@ def generate(model, prompts, tokenizer=None, *, max_new_tokens: int = 64, temper
         raise SparseQuantError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     check_sampling(temperature, top_k, top_p)
     rows = encode_prompts(prompts, tokenizer)
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = vocab_size_of(model)
     if any(t < 0 or t >= vocab for r in rows for t in r):
         raise SparseQuantError(f"prompt token ids must lie in [0, {vocab})")
     eos = _eos_ids(model, tokenizer, eos_token_id)

@@ -26,6 +26,7 @@ from ..checkpoint.packed import PackedWeight
 from ..errors import SparseQuantError
 from ..models.families import decoder_layers, layer_linears, layers_prefix
 from ..nn.convert import place_on_device
+from ..nn.embedding import Int8Embedding, embedding_device_dtype, quantize_input_embedding
 from ..nn.linear import SparseQuantLinear
 
 CONFIGS = {
@@ -167,12 +168,14 @@ def compress_model_nm24(model, bits: int = 4, group_size: int | None = 128):
 
 
 @torch.no_grad()
-def sparse_twin(dense, scheme: str | Scheme = "2:4-w4a16"):
+def sparse_twin(dense, scheme: str | Scheme = "2:4-w4a16", embed_int8: bool = False):
     """A model that shares ``dense``'s embeddings, norms and LM head and holds its decoder linears
     compressed to ``scheme`` as SparseQuantLinear modules, kernels prepared on dense's device.
 
     The dense model is left untouched, so both can be measured in the same process; the twin adds
-    only the packed weights to the device's memory. Returns ``(twin, seconds spent packing)``.
+    only the packed weights to the device's memory. ``embed_int8`` gives the twin its own int8 copy
+    of the input embedding (``nn/embedding.py``) instead of sharing dense's table, so
+    ``weight_bytes_on(twin)`` counts codes + scales. Returns ``(twin, seconds spent packing)``.
     """
     from transformers import AutoModelForCausalLM
 
@@ -198,6 +201,8 @@ def sparse_twin(dense, scheme: str | Scheme = "2:4-w4a16"):
     twin.load_state_dict(state, strict=False, assign=True)
     if getattr(dense.config, "tie_word_embeddings", False):
         twin.tie_weights()
+    if embed_int8:
+        quantize_input_embedding(twin, dtype)  # refuses tied embeddings
     missing = [n for n, t in [*twin.named_parameters(), *twin.named_buffers()] if t.is_meta]
     if missing:
         raise SparseQuantError(f"sparse twin left tensors without values: {missing[:5]}")
@@ -206,7 +211,8 @@ def sparse_twin(dense, scheme: str | Scheme = "2:4-w4a16"):
 
 
 def weight_bytes_on(model, device) -> int:
-    """Bytes of the model's weights held on ``device``: parameters, buffers and kernel states."""
+    """Bytes of the model's weights held on ``device``: parameters, buffers (an Int8Embedding's int8
+    codes and scales among them) and kernel states."""
     device = torch.device(device)
     seen: set[int] = set()
     total = 0
@@ -244,13 +250,13 @@ def _state_tensors(obj, depth: int = 0):
 def dense_twin(model):
     """The uncompressed counterpart of a model with SparseQuantLinear modules: same embeddings,
     norms and head (shared), each compressed linear replaced by an nn.Linear holding its dequantized
-    weight in the model's dtype on its device. The dense baseline of ``sparsequant bench <checkpoint>``."""
+    weight in the model's dtype on its device. The dense baseline of ``sparsequant bench <checkpoint>``.
+    An Int8Embedding becomes an nn.Embedding holding its dequantized table (the same values)."""
     from transformers import AutoModelForCausalLM
 
     from ..checkpoint.io import _empty_model
 
-    emb = model.get_input_embeddings().weight
-    device, dtype = emb.device, emb.dtype
+    device, dtype = embedding_device_dtype(model)
     twin = _empty_model(AutoModelForCausalLM, model.config, dtype)
     sq = {n: m for n, m in model.named_modules() if isinstance(m, SparseQuantLinear)}
     modules = dict(twin.named_modules())
@@ -262,6 +268,12 @@ def dense_twin(model):
         parent, _, child = name.rpartition(".")
         setattr(modules[parent], child, lin)
     skip = {k for n in sq for k in model.state_dict() if k.startswith(n + ".")}
+    q = model.get_input_embeddings()
+    if isinstance(q, Int8Embedding):
+        emb = nn.Embedding(q.num_embeddings, q.embedding_dim, q.padding_idx, device=device, dtype=dtype)
+        emb.weight.requires_grad_(False).copy_(q.dequantize())
+        twin.set_input_embeddings(emb)
+        skip |= {k for k in model.state_dict() if k.endswith((".codes", ".scales"))}
     twin.load_state_dict({k: v for k, v in model.state_dict().items() if k not in skip}, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         twin.tie_weights()
