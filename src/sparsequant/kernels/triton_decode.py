@@ -184,6 +184,31 @@ def _load_weights(meta_ptr, vals_ptr, sc_ptr, zp_ptr, u, u_end, U, N, offs_n, n_
 
 
 @triton.jit
+def _write_row(y_ptr, part_ptr, out, m, M, N, offs_n, n_ok, pid_s, stride_ym, SPLIT: tl.constexpr):
+    """Token row m of this program: straight to y without split-K, else to the partial-sum scratch."""
+    if SPLIT == 1:
+        tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.store(part_ptr + (pid_s * M + m) * N + offs_n, out, mask=n_ok)
+
+
+@triton.jit
+def _reduce_split(y_ptr, part_ptr, cnt_ptr, pid_n, M, N, offs_n, n_ok, stride_ym,
+                  SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The last program of a column block to arrive adds the SPLIT partial sums and resets the
+    counter, so a call is one launch (and can live in a CUDA graph)."""
+    tl.debug_barrier()
+    done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+    if done == SPLIT - 1:
+        for m in range(0, M):
+            tot = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for s in range(SPLIT):
+                tot += tl.load(part_ptr + (s * M + m) * N + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + m * stride_ym + offs_n, tot.to(y_ptr.dtype.element_ty), mask=n_ok)
+        tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+@triton.jit
 def _decode24_kernel(
     xw_ptr, meta_ptr, vals_ptr, sc_ptr, zp_ptr, y_ptr, part_ptr, cnt_ptr,
     M, N, K4, U, stride_xm, stride_ym, group_units, units_per_split,
@@ -234,23 +259,10 @@ def _decode24_kernel(
                 else:
                     acc += _half_unit(meta, vb0, vb1, s2, z2, sc, zp, x0, x1, x2, x3, 1, BITS, USE_ASM, ACT_DTYPE)
 
-        out = tl.sum(acc, axis=0)
-        if SPLIT == 1:
-            tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
-        else:
-            tl.store(part_ptr + (pid_s * M + m) * N + offs_n, out, mask=n_ok)
+        _write_row(y_ptr, part_ptr, tl.sum(acc, axis=0), m, M, N, offs_n, n_ok, pid_s, stride_ym, SPLIT)
 
     if SPLIT > 1:
-        # The last program of this column block to arrive adds the SPLIT partial sums.
-        tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if done == SPLIT - 1:
-            for m in range(0, M):
-                tot = tl.zeros([BLOCK_N], dtype=tl.float32)
-                for s in range(SPLIT):
-                    tot += tl.load(part_ptr + (s * M + m) * N + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
-                tl.store(y_ptr + m * stride_ym + offs_n, tot.to(y_ptr.dtype.element_ty), mask=n_ok)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+        _reduce_split(y_ptr, part_ptr, cnt_ptr, pid_n, M, N, offs_n, n_ok, stride_ym, SPLIT, BLOCK_N)
 
 
 def _out(out, m, n, x2d):

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from . import _interp_compat
 from .hybrid_layout import DENSE_META_A, DENSE_META_B
-from .triton_decode import _TL_DTYPE, DecodeWorkspace, _half_unit, _out
+from .triton_decode import _TL_DTYPE, DecodeWorkspace, _half_unit, _out, _reduce_split, _write_row
 
 if _interp_compat.interpreting():
     _interp_compat.install()
@@ -102,23 +102,10 @@ def _hybrid_decode_kernel(
                 acc += _half_unit(meta, va0, va1, s2, z2, sc, zp, x0, x1, x2, x3, 0, BITS, USE_ASM, ACT_DTYPE)
                 acc += _half_unit(meta, vb0, vb1, s2, z2, sc, zp, x4, x5, x6, x7, 1, BITS, USE_ASM, ACT_DTYPE)
 
-        out = tl.sum(acc, axis=0)
-        if SPLIT == 1:
-            tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
-        else:
-            tl.store(part_ptr + (pid_s * M + m) * N + offs_n, out, mask=n_ok)
+        _write_row(y_ptr, part_ptr, tl.sum(acc, axis=0), m, M, N, offs_n, n_ok, pid_s, stride_ym, SPLIT)
 
     if SPLIT > 1:
-        # The last program of this row block to arrive adds the SPLIT partial sums (as triton_decode).
-        tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if done == SPLIT - 1:
-            for m in range(0, M):
-                tot = tl.zeros([BLOCK_N], dtype=tl.float32)
-                for sp in range(SPLIT):
-                    tot += tl.load(part_ptr + (sp * M + m) * N + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
-                tl.store(y_ptr + m * stride_ym + offs_n, tot.to(y_ptr.dtype.element_ty), mask=n_ok)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+        _reduce_split(y_ptr, part_ptr, cnt_ptr, pid_n, M, N, offs_n, n_ok, stride_ym, SPLIT, BLOCK_N)
 
 
 @triton.jit
@@ -218,22 +205,10 @@ def _hybrid_decode_pf_kernel(
                 meta1 = tl.zeros([BLOCK_U, BLOCK_N], dtype=tl.int32) + META_B
                 acc += _half_unit(meta1, vc0, vc1, s2, z2, sc, zp, x0, x1, x2, x3, 0, BITS, USE_ASM, ACT_DTYPE)
                 acc += _half_unit(meta1, vd0, vd1, s2, z2, sc, zp, x4, x5, x6, x7, 1, BITS, USE_ASM, ACT_DTYPE)
-        out = tl.sum(acc, axis=0)
-        if SPLIT == 1:
-            tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
-        else:
-            tl.store(part_ptr + (pid_s * M + m) * N + offs_n, out, mask=n_ok)
+        _write_row(y_ptr, part_ptr, tl.sum(acc, axis=0), m, M, N, offs_n, n_ok, pid_s, stride_ym, SPLIT)
 
     if SPLIT > 1:
-        tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if done == SPLIT - 1:
-            for m in range(0, M):
-                tot = tl.zeros([BLOCK_N], dtype=tl.float32)
-                for sp in range(SPLIT):
-                    tot += tl.load(part_ptr + (sp * M + m) * N + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
-                tl.store(y_ptr + m * stride_ym + offs_n, tot.to(y_ptr.dtype.element_ty), mask=n_ok)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+        _reduce_split(y_ptr, part_ptr, cnt_ptr, pid_n, M, N, offs_n, n_ok, stride_ym, SPLIT, BLOCK_N)
 
 
 @triton.jit
