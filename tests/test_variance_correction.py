@@ -183,3 +183,39 @@ def test_recovery_config_errors():
         Recipe.from_dict({"recovery": {"variance": True}})
     r = Recipe.from_dict({"recovery": {"variance_correction": "lsq", "finetune_steps": 3}})
     assert Recipe.from_yaml(r.to_yaml()) == r and r.recovery.variance_mode == "lsq"
+
+
+@pytest.mark.parametrize("term", ["adapter-fp16", "adapter-int4", "outliers"])
+def test_std_correction_scales_recovery_terms_with_their_rows(term):
+    """std/lsq correction multiplies whole output rows: adapters (fp16 or int4 up-factor) and
+    structured outliers scale with the compressed part, so the corrected effective weight is
+    diag(scale) @ W_eff up to float16 rounding, and the output std matches the dense layer's."""
+    from sparsequant.pipeline.variance_correction import scale_rows
+    from sparsequant.solvers.lowrank import AdapterSpec
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(24, 64, generator=g)
+    x = _inputs(400, 64, 3)
+    xf = x.float()
+    stats = LayerStats(n_tokens=x.shape[0], sq_sum=(xf * xf).sum(0), abs_max=xf.abs().amax(0), hessian=xf.T @ xf)
+    q = QuantSpec(4, 32, True)
+    if term == "outliers":
+        plan = LinearPlan(prune="wanda", sparsity=SparsitySpec.parse("2:4+8/256"), quant=q, joint=False)
+    else:
+        bits = 4 if term == "adapter-int4" else None
+        plan = LinearPlan(prune="wanda", sparsity=SparsitySpec.parse("2:4"), quant=q, joint=False,
+                          adapter=AdapterSpec(rank=4, bits=bits, group_size=4 if bits else None))
+    cw = compress_weight(w, stats, plan)
+    assert getattr(cw, "outliers" if term == "outliers" else "adapter") is not None
+    scale = torch.linspace(0.7, 1.4, 24)
+    scaled = scale_rows(cw, scale, torch.float16)
+    ref = cw.effective_weight().double() * scale.double()[:, None]
+    rel = (scaled.effective_weight().double() - ref).norm() / ref.norm()
+    assert rel < 2e-3
+    new, bias, info = correct(w, None, cw, x.mean(0), torch.cov(x.T, correction=0), "std", torch.float16)
+    _, var_dense, _ = _direct(w, x)
+    _, var_before, _ = _direct(cw.effective_weight(), x)
+    _, var_after, _ = _direct(new.effective_weight(), x, bias)
+    err_before = (var_before.sqrt() / var_dense.sqrt() - 1).abs().max()
+    err_after = (var_after.sqrt() / var_dense.sqrt() - 1).abs().max()
+    assert err_after < 0.01 and err_after < err_before

@@ -104,6 +104,13 @@ class OutlierSet:
     def nbytes(self) -> int:
         return self.values.numel() * self.values.element_size() + self.index.numel()
 
+    def scale_rows(self, scale: torch.Tensor) -> "OutlierSet":
+        """The same positions with row i's values times ``scale[i]``, rounded to their 16-bit dtype."""
+        values = (self.values.float() * scale.float().to(self.values.device)[:, None]).to(self.values.dtype)
+        if not bool(torch.isfinite(values).all()):
+            raise PatternError(f"scaled outlier values overflow {self.values.dtype}")
+        return OutlierSet(values, self.index, self.k, self.in_features)
+
 
 def select_outliers(
     weight: torch.Tensor, saliency: torch.Tensor, k: int, storage_dtype: torch.dtype = torch.float16
