@@ -218,7 +218,6 @@ def _decode24_kernel(
     # Program (pid_n, pid_s): rows [pid_n*BLOCK_N, +BLOCK_N), units [pid_s*units_per_split, +units_per_split).
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    W: tl.constexpr = BITS // 2  # value words per unit
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_u = tl.arange(0, BLOCK_U)
@@ -296,42 +295,57 @@ class DecodeWorkspace:
         self.counters = torch.zeros(-(-n // 16), dtype=torch.int32, device=device)
 
 
-def decode_linear(x2d: torch.Tensor, lay, workspace: DecodeWorkspace | None = None, config: dict | None = None,
-                  use_asm: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x2d [M, K] @ W^T`` with the decode kernel; M <= 16. Output dtype = x dtype."""
-    m, k = x2d.shape
-    if k != lay.k:
-        raise ValueError(f"input has {k} features, the weight expects {lay.k}")
+def activation_words(x2d: torch.Tensor, k: int, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check a decode kernel's input ``[M <= 16, k]`` and return ``(x2d, words)``: the activations
+    contiguous and 16-byte aligned, and their int64 view (one word = the 4 activations of a group)."""
+    m, kx = x2d.shape
+    if kx != k:
+        raise ValueError(f"input has {kx} features, the weight expects {k}")
     if m > 16:
-        raise ValueError(f"the decode kernel takes at most 16 tokens, got {m}")
+        raise ValueError(f"the {kernel} kernel takes at most 16 tokens, got {m}")
     if x2d.dtype not in _TL_DTYPE:
-        raise TypeError(f"decode kernel needs float16 or bfloat16 activations, got {x2d.dtype}")
+        raise TypeError(f"{kernel} kernel needs float16 or bfloat16 activations, got {x2d.dtype}")
     x2d = x2d.contiguous()
     if x2d.data_ptr() % 16:
         x2d = x2d.clone()
-    xw = x2d.view(torch.int64)  # one 8-byte word = the 4 activations of one group
-    n = lay.n
-    cfg = dict(config or pick_decode_config(m, n, k))
-    if use_asm is None:
-        use_asm = x2d.is_cuda and x2d.dtype == torch.float16
-    if use_asm and not (x2d.is_cuda and x2d.dtype == torch.float16):
+    return x2d, x2d.view(torch.int64)
+
+
+def resolve_use_asm(use_asm: bool | None, x2d: torch.Tensor) -> bool:
+    """The inline-PTX path by default exactly where it can run: float16 activations on CUDA."""
+    ok = x2d.is_cuda and x2d.dtype == torch.float16
+    if use_asm and not ok:
         raise ValueError("the PTX decode path needs float16 activations on a CUDA device")
+    return ok if use_asm is None else bool(use_asm)
+
+
+def split_buffers(split: int, m: int, n: int, y: torch.Tensor, workspace: DecodeWorkspace | None):
+    """``(partial sums, counters)`` for split-K (fresh scratch, the workspace's counters), or
+    placeholders the kernel never touches when ``split == 1``."""
+    if split == 1:
+        return y, y
+    if workspace is None:
+        workspace = DecodeWorkspace(n, y.device)
+    return torch.empty(split * m * n, dtype=torch.float32, device=y.device), workspace.counters
+
+
+def decode_linear(x2d: torch.Tensor, lay, workspace: DecodeWorkspace | None = None, config: dict | None = None,
+                  use_asm: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2d [M, K] @ W^T`` with the decode kernel; M <= 16. Output dtype = x dtype."""
+    x2d, xw = activation_words(x2d, lay.k, "decode")
+    m, n = x2d.shape[0], lay.n
+    cfg = dict(config or pick_decode_config(m, n, lay.k))
+    use_asm = resolve_use_asm(use_asm, x2d)
     y = _out(out, m, n, x2d)
     split = cfg["SPLIT"]
     units_per_split = -(-lay.units // split)
     units_per_split = -(-units_per_split // cfg["BLOCK_U"]) * cfg["BLOCK_U"]
-    if split > 1:
-        if workspace is None:
-            workspace = DecodeWorkspace(n, x2d.device)
-        part = torch.empty(split * m * n, dtype=torch.float32, device=x2d.device)
-        cnt = workspace.counters
-    else:
-        part, cnt = y, y  # unused
+    part, cnt = split_buffers(split, m, n, y, workspace)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
     _decode24_kernel[grid](
         xw, lay.meta, lay.vals, lay.scales, lay.zeros if lay.zeros is not None else lay.scales,
         y, part, cnt,
-        m, n, k // 4, lay.units, xw.stride(0), y.stride(0), lay.group // 32, units_per_split,
+        m, n, lay.k // 4, lay.units, xw.stride(0), y.stride(0), lay.group // 32, units_per_split,
         SYM_ZERO=lay.sym_zero, BITS=lay.bits, HAS_ZP=lay.zeros is not None, SPLIT=split,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_U=cfg["BLOCK_U"], USE_ASM=bool(use_asm), ACT_DTYPE=_TL_DTYPE[x2d.dtype],
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),

@@ -23,7 +23,8 @@ import triton.language as tl
 
 from . import _interp_compat
 from .hybrid_layout import DENSE_META_A, DENSE_META_B
-from .triton_decode import _TL_DTYPE, DecodeWorkspace, _half_unit, _out, _reduce_split, _write_row
+from .triton_decode import (_TL_DTYPE, DecodeWorkspace, _half_unit, _out, _reduce_split, _write_row,
+                            activation_words, resolve_use_asm, split_buffers)
 
 if _interp_compat.interpreting():
     _interp_compat.install()
@@ -308,42 +309,23 @@ def hybrid_decode_linear(x2d: torch.Tensor, lay, workspace: DecodeWorkspace | No
                          config: dict | None = None, use_asm: bool | None = None,
                          out: torch.Tensor | None = None) -> torch.Tensor:
     """``x2d [M, K] @ W^T`` with the hybrid decode kernel; M <= 16. Output dtype = x dtype."""
-    m, k = x2d.shape
-    if k != lay.k:
-        raise ValueError(f"input has {k} features, the weight expects {lay.k}")
-    if m > 16:
-        raise ValueError(f"the hybrid decode kernel takes at most 16 tokens, got {m}")
-    if x2d.dtype not in _TL_DTYPE:
-        raise TypeError(f"hybrid decode kernel needs float16 or bfloat16 activations, got {x2d.dtype}")
-    x2d = x2d.contiguous()
-    if x2d.data_ptr() % 16:
-        x2d = x2d.clone()
-    xw = x2d.view(torch.int64)  # one 8-byte word = the 4 activations of one group
-    n = lay.n
+    x2d, xw = activation_words(x2d, lay.k, "hybrid decode")
+    m, n = x2d.shape[0], lay.n
     cfg = dict(config or pick_hybrid_decode_config(lay, m))
     if lay.tile_rows % cfg["BLOCK_N"]:
         raise ValueError(f"BLOCK_N {cfg['BLOCK_N']} must divide the tile rows {lay.tile_rows}")
-    if use_asm is None:
-        use_asm = x2d.is_cuda and x2d.dtype == torch.float16
-    if use_asm and not (x2d.is_cuda and x2d.dtype == torch.float16):
-        raise ValueError("the PTX decode path needs float16 activations on a CUDA device")
+    use_asm = resolve_use_asm(use_asm, x2d)
     y = _out(out, m, n, x2d)
     cols_per_split = -(-lay.n_tile_cols // cfg["SPLIT"])
     split = -(-lay.n_tile_cols // cols_per_split)  # no program without a tile column
-    if split > 1:
-        if workspace is None:
-            workspace = DecodeWorkspace(n, x2d.device)
-        part = torch.empty(split * m * n, dtype=torch.float32, device=x2d.device)
-        cnt = workspace.counters
-    else:
-        part, cnt = y, y  # unused
+    part, cnt = split_buffers(split, m, n, y, workspace)
     upt = lay.units_per_tile
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
     kernel = _hybrid_decode_pf_kernel if cfg.get("PREFETCH", PREFETCH) else _hybrid_decode_kernel
     kernel[grid](
         xw, lay.flags, lay.offsets, lay.meta, lay.vals, lay.scales,
         lay.zeros if lay.zeros is not None else lay.scales, y, part, cnt,
-        m, n, k // 4, lay.units, lay.n_tile_cols, lay.tile_rows, xw.stride(0), y.stride(0), lay.group // 32,
+        m, n, lay.k // 4, lay.units, lay.n_tile_cols, lay.tile_rows, xw.stride(0), y.stride(0), lay.group // 32,
         cols_per_split,
         SYM_ZERO=lay.sym_zero, BITS=lay.bits, HAS_ZP=lay.zeros is not None, SPLIT=split,
         UPT=upt, BLOCK_U=triton.next_power_of_2(upt), BLOCK_N=cfg["BLOCK_N"],
