@@ -75,3 +75,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def kernel_tol(dtype) -> float:
+    """Relative error a kernel output may have against a float64/float32 reference: the weight and
+    the output rounded to the activation type (fp16 ~3e-4, bf16 ~2e-3, plus bf16 weight rounding)."""
+    return 2e-3 if dtype == torch.float16 else 1e-2
+
+
+def kernel_rel_error(y, ref, seed) -> float:
+    """``|y - ref| / |ref|`` in float64 on the CPU; a non-finite output (an element never written)
+    fails with the inputs' seed."""
+    y = y.double().cpu()
+    assert torch.isfinite(y).all(), f"non-finite output (unwritten element?), seed {seed}"
+    ref = ref.double().cpu()
+    return ((y - ref).norm() / ref.norm()).item()

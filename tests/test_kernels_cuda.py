@@ -11,6 +11,8 @@ from sparsequant.kernels import reference
 from sparsequant.kernels.mma_sp_layout import build_mma_sp_layout, emulate_linear, groups_per_supertile
 from sparsequant.kernels.testing import random_packed24
 
+from conftest import kernel_tol
+
 
 def rel(y, ref):
     return ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
@@ -76,9 +78,6 @@ CASES = [  # n, k, bits, group
 TOKENS = (1, 2, 5, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 127, 128, 129, 255, 300, 512)
 
 
-def _tol(dtype):
-    # Error = the weight and the output rounded to the activation type (products exact, fp32 sums).
-    return 2e-3 if dtype == torch.float16 else 1e-2
 
 
 def _check_call(call, ref, dtype, what):
@@ -87,7 +86,7 @@ def _check_call(call, ref, dtype, what):
     y = call(out)
     assert y.data_ptr() == out.data_ptr(), what
     assert bool(torch.isfinite(y).all()), what
-    assert rel(y, ref) < _tol(dtype), (what, rel(y, ref))
+    assert rel(y, ref) < kernel_tol(dtype), (what, rel(y, ref))
 
 
 @pytest.mark.gpu
