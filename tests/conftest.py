@@ -90,3 +90,17 @@ def kernel_rel_error(y, ref, seed) -> float:
     assert torch.isfinite(y).all(), f"non-finite output (unwritten element?), seed {seed}"
     ref = ref.double().cpu()
     return ((y - ref).norm() / ref.norm()).item()
+
+
+def runtime_cli():
+    """An argparse root with the ``generate`` and ``bench`` subcommands, for flag-parsing tests."""
+    import argparse
+
+    from sparsequant.commands import bench, generate
+
+    parent = argparse.ArgumentParser(add_help=False)
+    root = argparse.ArgumentParser()
+    sub = root.add_subparsers()
+    generate.add_parser(sub, parent)
+    bench.add_parser(sub, parent)
+    return root

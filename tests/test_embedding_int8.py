@@ -8,7 +8,7 @@ from sparsequant.errors import NonFiniteWeightError, QuantizationError, SparseQu
 from sparsequant.nn.embedding import Int8Embedding, quantize_input_embedding, quantize_rows
 from sparsequant.runtime import synthetic as syn
 
-from conftest import random_ids, tiny_config, tiny_model
+from conftest import random_ids, runtime_cli, tiny_config, tiny_model
 
 
 def _reference_rows(w: torch.Tensor):
@@ -134,15 +134,7 @@ def test_load_with_int8_embedding_equals_the_dequantized_table(tmp_path):
 
 
 def test_commands_take_the_embed_int8_flag():
-    import argparse
-
-    from sparsequant.commands import bench, generate as gen
-
-    parent = argparse.ArgumentParser(add_help=False)
-    root = argparse.ArgumentParser()
-    sub = root.add_subparsers()
-    gen.add_parser(sub, parent)
-    bench.add_parser(sub, parent)
+    root = runtime_cli()
     assert root.parse_args(["generate", "--prompt", "x", "--embed-int8"]).embed_int8 is True
     assert root.parse_args(["generate", "--prompt", "x"]).embed_int8 is False
     assert root.parse_args(["bench", "llama-2-7b", "--embed-int8"]).embed_int8 is True

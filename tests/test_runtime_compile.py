@@ -16,7 +16,7 @@ from sparsequant.nn.linear import SparseQuantLinear
 from sparsequant.runtime import synthetic as syn
 from sparsequant.runtime.engine import DecodeEngine, left_pad
 
-from conftest import exact_embedding, random_ids, tiny_model
+from conftest import exact_embedding, random_ids, runtime_cli, tiny_model
 
 
 def _sparse_linear(n=48, k=128, bias=True, seed=0):
@@ -123,15 +123,9 @@ def test_handles_are_unique_per_copy_and_dead_ones_are_errors():
 
 
 def test_generate_and_bench_commands_take_compile_flags():
-    import argparse
+    from sparsequant.commands import bench
 
-    from sparsequant.commands import bench, generate
-
-    parent = argparse.ArgumentParser(add_help=False)
-    root = argparse.ArgumentParser()
-    sub = root.add_subparsers()
-    generate.add_parser(sub, parent)
-    bench.add_parser(sub, parent)
+    root = runtime_cli()
     assert root.parse_args(["generate", "--prompt", "x", "--no-compile"]).compile is False
     assert root.parse_args(["generate", "--prompt", "x"]).compile is None
     args = root.parse_args(["bench", "llama-2-7b", "--compile"])
