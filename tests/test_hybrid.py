@@ -22,7 +22,7 @@ from sparsequant.recipe import CalibrationConfig, QuantConfig, Recipe
 from sparsequant.solvers import CompressedWeight, LayerStats, LinearPlan, compress_weight, sparsegpt_joint, sparsegpt_prune
 
 from conftest import random_ids, tiny_model
-from test_sparsegpt import damped, problem, stats_of, trailing_inverse_rows
+from test_sparsegpt import damped, problem, ref_sparsegpt, stats_of
 
 SPARSITIES = [0.0, 0.05, 0.1, 0.25, 0.3, 0.35, 0.45, 0.5]
 
@@ -151,40 +151,13 @@ def test_validator_rejects_non_conforming_masks():
 # -- SparseGPT: the hybrid sweep against a float64 reference -------------------------------------
 
 def ref_sparsegpt_hybrid(w, h, spec, qspec, stats):
-    """Column by column with explicit re-inversion; 2:4 choice only in the rows of chosen tiles."""
-    from sparsequant.quant import fit_params
-
-    w = w.clone()
-    out, k = w.shape
+    """test_sparsegpt's float64 reference with the 2:4 choice only in the rows of the tiles that the
+    OBS tile costs select. Returns (weight, keep, codes, flags)."""
     hinv_diag = torch.linalg.inv(h).diagonal()
-    grid = TileGrid.of((out, k), spec.tile)
+    grid = TileGrid.of(tuple(w.shape), spec.tile)
     flags = select_tiles(tile_costs(w.square() / hinv_diag, grid), grid, spec.sparsity)
-    in24 = grid.expand(flags)
-    keep = torch.ones(out, k, dtype=torch.bool)
-    codes = None
-    if qspec is not None:
-        params = fit_params(w.float(), qspec)
-        s, z = (t.double() for t in params.expand())
-        codes = torch.zeros(out, k, dtype=torch.uint8)
-    rows = trailing_inverse_rows(h)
-    for j in range(k):
-        if j % 4 == 0:
-            d = torch.stack([rows[c][0] for c in range(j, j + 4)])
-            scores = w[:, j:j + 4] ** 2 / d
-            drop = torch.zeros(out, 4, dtype=torch.bool).scatter_(1, scores.argsort(dim=1)[:, :2], True)
-            keep[:, j:j + 4] &= ~(drop & in24[:, j:j + 4])
-        target = w[:, j].clone()
-        if qspec is not None:
-            c = torch.clamp(torch.round(target / s[:, j]) + z[:, j], 0, qspec.levels - 1)
-            codes[:, j] = c.to(torch.uint8)
-            target = (c - z[:, j]) * s[:, j]
-        target = torch.where(keep[:, j], target, torch.zeros_like(target))
-        err = w[:, j] - target
-        w[:, j:] -= torch.outer(err / rows[j][0], rows[j])
-        w[:, j] = target
-    if codes is not None:
-        codes = torch.where(keep, codes, z.to(torch.uint8))
-    return w, keep, codes, flags
+    ref_w, keep, codes = ref_sparsegpt(w, h, SparsitySpec.parse("2:4"), 4, qspec, within=grid.expand(flags))
+    return ref_w, keep, codes, flags
 
 
 @pytest.mark.parametrize("pattern", ["hybrid:25%@8x16", "hybrid:40%@16x24"])

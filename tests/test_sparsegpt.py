@@ -64,8 +64,11 @@ def test_trailing_inverses_are_reinversions():
         torch.testing.assert_close(row, torch.linalg.inv(h[j:, j:])[0], rtol=1e-10, atol=1e-12)
 
 
-def ref_sparsegpt(w, h, spec: SparsitySpec, blocksize: int, qspec: QuantSpec | None):
-    """Column-by-column OBS in float64 with explicit re-inversion. Returns (weight, keep, codes)."""
+def ref_sparsegpt(w, h, spec: SparsitySpec, blocksize: int, qspec: QuantSpec | None, within=None):
+    """Column-by-column OBS in float64 with explicit re-inversion. Returns (weight, keep, codes).
+
+    ``within`` (bool [out, in], N:M only) limits the N:M choice to those weights (hybrid tiles);
+    everything outside is quantized and compensated but never pruned."""
     w = w.clone()
     out, k = w.shape
     keep = torch.ones(out, k, dtype=torch.bool)
@@ -95,8 +98,10 @@ def ref_sparsegpt(w, h, spec: SparsitySpec, blocksize: int, qspec: QuantSpec | N
                 keep[:, j:j2] = flat.reshape(out, j2 - j)
         if spec.kind == "nm" and j % spec.m == 0:
             scores = w[:, j : j + spec.m] ** 2 / torch.stack([inv_diag(c) for c in range(j, j + spec.m)])
-            drop = scores.argsort(dim=1)[:, : spec.m - spec.n]
-            keep[:, j : j + spec.m].scatter_(1, drop, False)
+            drop = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.argsort(dim=1)[:, : spec.m - spec.n], True)
+            if within is not None:
+                drop &= within[:, j : j + spec.m]
+            keep[:, j : j + spec.m] &= ~drop
         hinv0 = hrows[j]
         target = w[:, j].clone()
         if qspec is not None:
