@@ -34,11 +34,6 @@ from .kv_cache import StaticKVCache
 from .masks import MaskBuilder
 
 
-def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
-    # the input embedding's device and output dtype: a plain table or an Int8Embedding (no .weight)
-    return embedding_device_dtype(model)
-
-
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids [B, P], mask [B, P])`` with every row right-aligned (left padding)."""
     if not rows or any(len(r) == 0 for r in rows):
@@ -57,7 +52,7 @@ class DecodeEngine:
                  compile: bool | None = None, compile_prefill: bool = False):
         self.model = model
         self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.device, self.dtype = model_device_dtype(model)
+        self.device, self.dtype = embedding_device_dtype(model)
         limit = getattr(self.config, "max_position_embeddings", None)
         if limit is not None and max_len > limit:
             raise SparseQuantError(f"prompt + new tokens = {max_len} exceeds the model's "

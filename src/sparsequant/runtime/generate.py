@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 
 from ..errors import SparseQuantError
-from ..nn.embedding import vocab_size_of
-from .engine import DecodeEngine, left_pad, model_device_dtype
+from ..nn.embedding import embedding_device_dtype, vocab_size_of
+from .engine import DecodeEngine, left_pad
 from .sampling import check_sampling, next_tokens
 
 #: Without a streaming callback, the host looks for end-of-sequence tokens every this many steps.
@@ -90,7 +90,7 @@ def generate(model, prompts, tokenizer=None, *, max_new_tokens: int = 64, temper
     need = p + max_new_tokens
     if engine is None or engine.batch_size != b or engine.max_len < need:
         engine = DecodeEngine(model, b, need, cuda_graph=cuda_graph, compile=compile)
-    device, _ = model_device_dtype(model)
+    device, _ = embedding_device_dtype(model)
     gen = None
     if seed is not None:
         gen = torch.Generator(device=device).manual_seed(int(seed))
