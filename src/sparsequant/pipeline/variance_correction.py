@@ -29,8 +29,6 @@ import torch
 from torch import nn
 
 from ..errors import NonFiniteWeightError, RecipeError
-from ..quant import QuantParams
-from ..quant.rtn import _MAX_SCALE, _MIN_SCALE
 from ..solvers.base import CompressedWeight
 
 MODES = ("std", "mean", "lsq")
@@ -97,10 +95,7 @@ def scale_rows(cw: CompressedWeight, scale: torch.Tensor, storage_dtype: torch.d
     terms must offer ``scale_rows(scale)`` too. The result is validated."""
     scale = scale.float().to(cw.weight.device)
     if cw.quant is not None:
-        qp = cw.qparams
-        new_scale = (qp.scale * scale[:, None]).clamp(_MIN_SCALE, _MAX_SCALE).half().float()
-        out = CompressedWeight.from_quantized(cw.codes, QuantParams(new_scale, qp.zero, qp.spec, qp.in_features),
-                                              cw.sparsity, cw.mask)
+        out = CompressedWeight.from_quantized(cw.codes, cw.qparams.scale_rows(scale), cw.sparsity, cw.mask)
     else:
         out = CompressedWeight.from_float(cw.weight * scale[:, None], cw.sparsity, cw.mask, storage_dtype)
     for term in ("adapter", "outliers"):

@@ -50,6 +50,12 @@ class QuantParams:
         s, z = self.expand()
         return dequantize_with(codes, s, z)
 
+    def scale_rows(self, factor: torch.Tensor) -> "QuantParams":
+        """The parameters of ``diag(factor) @ W``: every group scale of row i times ``factor[i]``,
+        rounded to the float16 the checkpoint stores (codes and zero points unchanged)."""
+        scale = (self.scale * factor.float().to(self.scale.device)[:, None]).clamp(_MIN_SCALE, _MAX_SCALE)
+        return QuantParams(scale.half().float(), self.zero, self.spec, self.in_features)
+
     def to(self, device) -> "QuantParams":
         return QuantParams(self.scale.to(device), self.zero.to(device), self.spec, self.in_features)
 

@@ -164,15 +164,11 @@ class LowRankAdapter:
         """``diag(scale) @ up @ down`` in stored form: output row i of the adapter is row i of ``up``,
         so only ``up`` changes - its float16 group scales when quantized (codes kept), else its
         values, rounded to ``dtype``. Variance correction uses this to scale whole output channels."""
-        from ..quant.rtn import _MAX_SCALE, _MIN_SCALE
-
         scale = scale.float().to(self.up.device)
         if self.up_params is None:
             up, params = _round(self.up * scale[:, None], self.dtype), None
         else:
-            p = self.up_params
-            new_scale = (p.scale * scale[:, None]).clamp(_MIN_SCALE, _MAX_SCALE).half().float()
-            params = QuantParams(new_scale, p.zero, p.spec, p.in_features)
+            params = self.up_params.scale_rows(scale)
             up = params.dequantize(self.up_codes)
         return LowRankAdapter(self.down, up, self.dtype, self.down_codes, self.down_params, self.up_codes, params)
 
