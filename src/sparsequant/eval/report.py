@@ -469,10 +469,9 @@ def display_cap(ys, log_y: bool) -> float | None:
     return cap if max(ys) > cap else None
 
 
-def _panel(ax, pts, higher_is_better, ylabel, log_y, xrange):
+def _panel(ax, pts, higher_is_better, ylabel, log_y, xrange, cap):
     xs, real = [p[0] for p in pts], [p[1] for p in pts]
     front = pareto_front(xs, real, higher_is_better)  # on the true values, not the clipped ones
-    cap = display_cap(real, log_y)
     ys = real if cap is None else [min(y, cap) for y in real]
     on = set(front)
     off = [i for i in range(len(xs)) if i not in on]
@@ -541,6 +540,7 @@ def plot(rows: list[ReportRow], path, title: str | None = None) -> dict[str, lis
          "perplexity (log scale, lower is better)", True, "Perplexity against size (lower is better)"),
     ]
     panels = [p for p in panels if p[1]]
+    caps = {key: display_cap([pt[1] for pt in pts], log_y) for key, pts, _h, _yl, log_y, _t in panels}
     all_x = [pt[0] for p in panels for pt in p[1]]
     xrange = (min(all_x), max(all_x)) if all_x else (1.0, 16.0)
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(7 * max(len(panels), 1) + 0.5, 6), dpi=140,
@@ -552,19 +552,19 @@ def plot(rows: list[ReportRow], path, title: str | None = None) -> dict[str, lis
                             transform=axes[0][0].transAxes, ha="center", va="center", color="0.4")
             axes[0][0].set_axis_off()
         for ax, (key, pts, higher, ylabel, log_y, ptitle) in zip(axes[0], panels):
-            fronts[key] = _panel(ax, pts, higher, ylabel, log_y, xrange)
+            fronts[key] = _panel(ax, pts, higher, ylabel, log_y, xrange, caps[key])
             ax.set_title(ptitle)
         models = sorted({r.model for r in rows if r.model})
         fig.suptitle(title or ("sparsequant results" + (f": {', '.join(models)}" if models else "")), fontsize=12)
         if any(r.label.count("*") for r in rows):
-            fig.text(0.01, 0.01, "* some layers kept dense (skip patterns)", fontsize=8, color="0.3")
+            fig.text(0.01, 0.01, "* some layers kept dense (skip patterns or overrides)", fontsize=8, color="0.3")
         fig.tight_layout(rect=(0, 0.02, 1, 1))
         # Labels last: their placement measures text in display space, which the layout fixes.
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()
-        for ax, (_, pts, _h, _yl, log_y, _t) in zip(axes[0], panels):
+        for ax, (key, pts, *_rest) in zip(axes[0], panels):
             ys = [p[1] for p in pts]
-            cap = display_cap(ys, log_y)
+            cap = caps[key]
             labels = [p[2].label + (f" (ppl {y:,.0f})" if cap is not None and y > cap else "") for p, y in zip(pts, ys)]
             _place_labels(ax, [p[0] for p in pts], [y if cap is None else min(y, cap) for y in ys], labels, renderer)
         fig.savefig(Path(path))
