@@ -284,6 +284,7 @@ def main():
     dev = torch.device("cuda")
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                    date=datetime.date.today().isoformat(), argv=sys.argv, correctness=[], sweep={}, timing={})
+    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench_hybrid.json")
 
     def save():
