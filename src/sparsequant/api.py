@@ -32,18 +32,28 @@ def save(result: CompressionResult, out, tokenizer=None, overwrite: bool = False
     return save_checkpoint(result, out, tokenizer=tokenizer, extra=extra, overwrite=overwrite)
 
 
-def load(path, device="cpu", dtype: torch.dtype | None = None, embed_int8: bool = False):
+def load(path, device="cpu", dtype: torch.dtype | None = None, embed_int8: bool = False, fuse: bool = True):
     """Load a compressed checkpoint: ``(model, tokenizer)``; linears are SparseQuantLinear modules.
 
     On ``"cuda"`` the compressed linears hold only their packed weights in the GPU kernels' layout
     (dense weights are never built there) and compute in float16 (or ``dtype``); on the CPU they
     run the exact reference path in the dtype recorded at compression time. ``embed_int8`` keeps the
     input embedding as int8 rows with one scale per row (half its fp16 bytes; lookups dequantize
-    only the rows they gather); refused for tied embeddings.
+    only the rows they gather); refused for tied embeddings. ``fuse`` (default) stacks each layer's
+    q/k/v and gate/up linears into one linear each before placement (``models/fused.py``; the
+    checkpoint is unchanged, and groups that cannot be stacked exactly stay separate).
     """
     from .checkpoint.io import load_checkpoint
 
-    model, tokenizer, _ = load_checkpoint(path, device=device, dtype=dtype, embed_int8=embed_int8)
+    transform = None
+    if fuse:
+        from .models.fused import fuse_projections
+
+        def transform(model, dev, dt):
+            fuse_projections(model, device=dev, dtype=dt)
+
+    model, tokenizer, _ = load_checkpoint(path, device=device, dtype=dtype, embed_int8=embed_int8,
+                                          transform=transform)
     return model, tokenizer
 
 
