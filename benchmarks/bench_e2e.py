@@ -16,7 +16,14 @@
    ``--compile`` / ``--no-compile`` choose the decode step (default: compiled when it works);
    ``--compile-compare`` times both (engines '<name>' and '<name>-compiled'). ``--embed-int8`` gives
    the sparse engines an int8 input embedding (int8 rows + per-row scales; issue 7's <= 0.22x memory
-   target) and adds a GPU-vs-CPU greedy check of it to the correctness phase.
+   target) and adds a GPU-vs-CPU greedy check of it to the correctness phase. Every engine's model
+   has q/k/v and gate/up fused (``models/fused.py``; ``--no-fuse`` keeps them separate);
+   ``--fuse-compare sparse,sparse-fp8,dense`` also times those engines unfused ('<engine>-unfused',
+   the same weights; ``--compare-batch`` limits the batches), ``--prefill-only-len 2048`` measures
+   prefill only at those prompt lengths (no decode compilation; the fp8 engines then run there only),
+   ``--no-time-dense`` builds the dense model for the twins without timing it.
+   Issue 7's run within ~4 minutes: ``--embed-int8 --batch 1,32 --prompt-len 128 --no-hf
+   --fuse-compare sparse,sparse-fp8 --compare-batch 1 --prefill-only-len 2048 --budget-s 110``.
 
 Results go to $OUT (or --out): bench_e2e.json, bench_e2e.md, bench_e2e.png. The short table is
 printed last. The exit status is 1 when a correctness check failed (timings still run).
@@ -50,6 +57,26 @@ def log(msg: str) -> None:
 
 
 # -- 1. correctness -------------------------------------------------------------------------
+#: Largest float32-reference gap between the reference's token and the GPU's that counts as a tie:
+#: the logits here are ~2-4, where float16 steps by 0.002-0.004, and the GPU's fp16 kernels sum in
+#: another order than the CPU reference, so a top-2 gap below ~2 steps can flip either way.
+NEAR_TIE = 5e-3
+
+
+def greedy_check(got, want, prompts, ref32) -> dict:
+    """Greedy tokens equal, or every prompt's first divergence at a near-tie of the float32
+    reference (after a divergence the two continue from different contexts: nothing more to compare)."""
+    info = {"equal_tokens_per_prompt": [sum(a == b for a, b in zip(x, y)) for x, y in zip(got, want)],
+            "gpu": got, "cpu_reference": want, "divergences": []}
+    for r, (x, y) in enumerate(zip(got, want)):
+        if x != y:
+            k = next(i for i, (a, b) in enumerate(zip(x, y)) if a != b)
+            with torch.no_grad():
+                lg = ref32(torch.tensor([prompts[r] + y[:k]])).logits[0, -1].double()
+            info["divergences"].append({"prompt": r, "step": k, "ref_token": y[k], "gpu_token": x[k],
+                                        "ref_logit_gap": float(lg[y[k]] - lg[x[k]])})
+    info["ok"] = all(abs(d["ref_logit_gap"]) < NEAR_TIE for d in info["divergences"])
+    return info
 @torch.no_grad()
 def correctness(results: dict, embed_int8: bool = False) -> bool:
     from transformers import AutoModelForCausalLM
@@ -101,17 +128,7 @@ def correctness(results: dict, embed_int8: bool = False) -> bool:
     checks["fused_equals_unfused_gpu"] = {"ok": t_unfused == t_gpu,
                                           "equal_tokens_per_prompt": [sum(a == b for a, b in zip(x, y))
                                                                       for x, y in zip(t_gpu, t_unfused)]}
-    same = [sum(a == b for a, b in zip(x, y)) for x, y in zip(t_gpu, t_ref)]
-    info = {"ok": t_gpu == t_ref, "equal_tokens_per_prompt": same, "gpu": t_gpu, "cpu_reference": t_ref}
-    if t_gpu != t_ref:  # say whether the first divergence is a near-tie of the reference's logits
-        for r, (x, y) in enumerate(zip(t_gpu, t_ref)):
-            if x != y:
-                k = next(i for i, (a, b) in enumerate(zip(x, y)) if a != b)
-                ctx = torch.tensor([prompts[r] + y[:k]])
-                lg = ref32(ctx).logits[0, -1].double()
-                info["first_divergence"] = {"prompt": r, "step": k, "ref_token": y[k], "gpu_token": x[k],
-                                            "ref_logit_gap": float(lg[y[k]] - lg[x[k]])}
-                break
+    info = greedy_check(t_gpu, t_ref, prompts, ref32)
     checks["greedy_32_tokens_gpu_vs_cpu_reference"] = info
     checks["cuda_graph_equals_eager"] = {"ok": t_plain == t_eager}
     checks["compiled_graph_equals_uncompiled"] = {"ok": t_comp == t_plain,
@@ -120,14 +137,15 @@ def correctness(results: dict, embed_int8: bool = False) -> bool:
 
     if embed_int8:  # the same checkpoint with an int8 input embedding: GPU (compiled graph) vs CPU reference
         ref8, _ = sq.load(tmp / "ck", dtype=torch.float16, embed_int8=True, fuse=False)
+        ref8_32, _ = sq.load(tmp / "ck", embed_int8=True, fuse=False)
         fast8, _ = sq.load(tmp / "ck", device="cuda", embed_int8=True)
         t8_ref = generate(ref8, prompts, max_new_tokens=32, eos_token_id=[]).tokens
         t8_gpu = generate(fast8, prompts, max_new_tokens=32, eos_token_id=[]).tokens
         emb = fast8.get_input_embeddings()
-        checks["int8_embedding_greedy_gpu_vs_cpu_reference"] = {
-            "ok": t8_gpu == t8_ref and emb.codes.is_cuda and emb.codes.dtype == torch.int8,
-            "equal_tokens_per_prompt": [sum(a == b for a, b in zip(x, y)) for x, y in zip(t8_gpu, t8_ref)],
-            "equal_tokens_to_fp16_embedding": [sum(a == b for a, b in zip(x, y)) for x, y in zip(t8_gpu, t_gpu)]}
+        info8 = greedy_check(t8_gpu, t8_ref, prompts, ref8_32)
+        info8["ok"] = info8["ok"] and emb.codes.is_cuda and emb.codes.dtype == torch.int8
+        info8["equal_tokens_to_fp16_embedding"] = [sum(a == b for a, b in zip(x, y)) for x, y in zip(t8_gpu, t_gpu)]
+        checks["int8_embedding_greedy_gpu_vs_cpu_reference"] = info8
         del fast8
 
     # 2:4 fp8 W8A8 twin of a dense fp16 tiny model: within fp8 tolerance of its W8A16 reference

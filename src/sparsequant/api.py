@@ -57,11 +57,12 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, embed_int8: bool 
     return model, tokenizer
 
 
-def generate(model, prompts, tokenizer=None, *, device=None, **kwargs):
+def generate(model, prompts, tokenizer=None, *, device=None, fuse: bool = True, **kwargs):
     """Generate continuations of ``prompts`` (text with a tokenizer, or token ids; one or a batch).
 
     ``model`` is a loaded model or a path: a checkpoint folder (loaded with :func:`load`), a model
-    folder, ``.gguf`` file or hub id. Keyword arguments go to ``runtime.generate.generate``:
+    folder, ``.gguf`` file or hub id; a model loaded here gets fused projections unless ``fuse=False``
+    (a model passed in is run as it is). Keyword arguments go to ``runtime.generate.generate``:
     ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``seed``,
     ``eos_token_id``, ``on_token`` (streaming callback), ``cuda_graph``. Returns a ``Generation``
     (``tokens`` and, with a tokenizer, ``texts``).
@@ -73,8 +74,12 @@ def generate(model, prompts, tokenizer=None, *, device=None, **kwargs):
 
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if is_checkpoint(model):
-            model, tok = load(model, device=dev)
+            model, tok = load(model, device=dev, fuse=fuse)
         else:
             model, tok = load_model(str(model), dtype=torch.float32 if dev == "cpu" else torch.float16, device=dev)
+            if fuse:
+                from .models.fused import fuse_projections
+
+                fuse_projections(model)
         tokenizer = tokenizer or tok
     return _generate(model, prompts, tokenizer, **kwargs)
