@@ -21,7 +21,8 @@
    ``--fuse-compare sparse,sparse-fp8,dense`` also times those engines unfused ('<engine>-unfused',
    the same weights; ``--compare-batch`` limits the batches), ``--prefill-only-len 2048`` measures
    prefill only at those prompt lengths (no decode compilation; the fp8 engines then run there only),
-   ``--no-time-dense`` builds the dense model for the twins without timing it.
+   ``--no-time-dense`` builds the dense model for the twins without timing it; ``--gqa-compare``
+   adds 'sparse-repeatkv' (fused, but transformers' SDPA with ``repeat_kv``) to isolate the GQA path.
    Issue 7's run within ~4 minutes: ``--embed-int8 --batch 1,32 --prompt-len 128 --no-hf
    --fuse-compare sparse,sparse-fp8 --compare-batch 1 --prefill-only-len 2048 --budget-s 110``.
 
@@ -202,7 +203,7 @@ def speed(args, results: dict, save=lambda: None):
         engines["dense"] = dense
     if not args.no_hf:
         engines["transformers"] = dense
-    unfused = {}
+    unfused = {}  # the comparison engines: '-unfused' and '-repeatkv'
     if args.fuse_compare:  # the same weights (same seed), projections separate
         plain = syn.build_dense(cfg, device=args.device, dtype=torch.float16, seed=0)
         twins = _twins(plain, args, "-unfused", meta, fp8="sparse-fp8" in args.fuse_compare)
@@ -211,6 +212,11 @@ def speed(args, results: dict, save=lambda: None):
             if model is not None:
                 unfused[name + "-unfused"] = model
         del plain, twins
+    if args.gqa_compare:  # fused projections, transformers' SDPA (repeat_kv) instead of sdpa_attention
+        other = syn.build_dense(cfg, device=args.device, dtype=torch.float16, seed=0)
+        fuse_projections(other, gqa_rows=False)
+        unfused["sparse-repeatkv"], _ = syn.sparse_twin(other, "2:4-w4a16", embed_int8=args.embed_int8)
+        del other
     dense_bytes = syn.weight_bytes_on(dense, args.device)
     everything = {**engines, **unfused}
     meta["weight_bytes"] = {n: syn.weight_bytes_on(m, args.device) for n, m in everything.items() if n != "transformers"}
@@ -283,13 +289,17 @@ def acceptance(report) -> list[str]:
         r, v = ratio(("sparse" + suffix, 32, 128), ("dense" + suffix, 32, 128), "decode_tok_s")
         lines.append(f"batch 32 decode (prompt 128){label}: {v or 0:.0f} tok/s = {r or 0:.2f}x dense fp16 "
                      f"(target >= 1.8x)")
+    variants = {"-unfused": "fused vs unfused projections",
+                "-repeatkv": "GQA attention without vs with repeat_kv (both fused)"}
     for (name, b, p), row in sorted(rows.items()):
-        if name.endswith("-unfused"):
-            fused = name[: -len("-unfused")]
+        for suffix, label in variants.items():
+            if not name.endswith(suffix):
+                continue
+            fused = name[: -len(suffix)]
             for key, what in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
                 r, v = ratio((fused, b, p), (name, b, p), key)
                 if r and getattr(row, key):
-                    lines.append(f"fused vs unfused projections, {fused}, batch {b}, prompt {p}: {what} "
+                    lines.append(f"{label}, {fused}, batch {b}, prompt {p}: {what} "
                                  f"{v:,.1f} vs {getattr(row, key):,.1f} tok/s = {r:.3f}x")
     for b in (1, 32):
         r, v = ratio(("dense-compiled", b, 128), ("dense", b, 128), "decode_tok_s")
@@ -337,6 +347,9 @@ def main(argv=None) -> int:
     p.add_argument("--fuse-compare", type=lambda s: [x for x in s.split(",") if x], default=[],
                    help="engines (sparse, sparse-fp8, dense) also timed with separate projections, as "
                    "'<engine>-unfused' (the same weights)")
+    p.add_argument("--gqa-compare", action="store_true",
+                   help="also time 'sparse-repeatkv': fused projections with transformers' SDPA (repeat_kv "
+                   "of the KV cache) instead of models/attention.sdpa_attention, at --compare-batch")
     p.add_argument("--compare-batch", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="batches at which the -unfused engines decode (default: --batch)")
     p.add_argument("--prefill-only-len", type=lambda s: [int(x) for x in s.split(",")], default=[],
@@ -348,8 +361,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--device", default="cuda", help="cpu: a dry run of the timing phase (tests; no correctness phase)")
     args = p.parse_args(argv)
-    if args.fuse_compare and not args.fuse:
-        p.error("--fuse-compare compares against the fused engines: drop --no-fuse")
+    if (args.fuse_compare or args.gqa_compare) and not args.fuse:
+        p.error("--fuse-compare and --gqa-compare compare against the fused engines: drop --no-fuse")
     if set(args.fuse_compare) - {"sparse", "sparse-fp8", "dense"}:
         p.error(f"--fuse-compare takes sparse, sparse-fp8, dense; got {args.fuse_compare}")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -225,6 +225,30 @@ def test_sdpa_attention_without_repeat_equals_a_float64_reference(dtype, groups,
     torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
 
 
+def test_fused_attention_can_keep_the_stock_sdpa_function(monkeypatch):
+    """gqa_rows=False (bench_e2e --gqa-compare): the fused forward calls transformers' SDPA; same tokens."""
+    import sparsequant.models.fused as fused_mod
+
+    calls = []
+    monkeypatch.setattr(fused_mod, "sdpa_attention", lambda *a, **k: calls.append(1) or sdpa_attention(*a, **k))
+    rows = [random_ids(1, n, seed=n)[0].tolist() for n in (6, 2)]
+    ids, mask = left_pad(rows, 0)
+    runs = {}
+    for rows_path in (True, False):
+        model = tiny_model("llama", seed=6)
+        fuse_projections(model, gqa_rows=rows_path)
+        assert all(m.gqa_rows is rows_path for m in model.modules() if isinstance(m, FusedAttention))
+        calls.clear()
+        runs[rows_path] = _run(DecodeEngine(model, 2, 32), ids, mask, 4)
+        assert bool(calls) is rows_path
+        if not rows_path:  # the twins mirror the choice
+            assert not any(m.gqa_rows for m in syn.dense_twin(_compressed(model)).modules()
+                           if isinstance(m, FusedAttention))
+    assert runs[True][0] == runs[False][0]
+    for a, b in zip(runs[True][1], runs[False][1]):
+        assert float((a - b).abs().max()) < 1e-5 * max(1.0, float(b.abs().max()))
+
+
 def test_compiled_fused_gqa_engine_equals_the_stock_eager_engine():
     """torch.compile (fullgraph, one graph) of a fused, compressed GQA model against the unfused,
     uncompiled stock forward (transformers' SDPA with repeat_kv)."""

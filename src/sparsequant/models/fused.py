@@ -14,7 +14,8 @@ per-head q/k norms of Qwen3 and Gemma 3, the sliding window and soft-capping arg
 passes to its attention function). Plain methods on a class, so they run eagerly, under
 ``torch.compile(fullgraph=True)`` and inside CUDA graphs alike. With SDPA attention the fused
 forward also calls ``models/attention.sdpa_attention``, which serves grouped-query heads at one
-query token without copying the KV cache.
+query token without copying the KV cache (``gqa_rows=False``: transformers' own SDPA function, for
+measuring the two against each other).
 
 Families: LLaMA, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3. Phi-3 checkpoints already hold
 ``qkv_proj`` / ``gate_up_proj``. OPT and Phi (fc1/fc2 MLPs, attention forwards of their own) are
@@ -39,11 +40,11 @@ QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
 
 
-def _attention_interface(config, default):
+def _attention_interface(config, default, gqa_rows: bool):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     impl = config._attn_implementation
-    if impl == "sdpa":
+    if impl == "sdpa" and gqa_rows:
         return sdpa_attention
     if impl in (None, "eager"):
         return default
@@ -56,6 +57,7 @@ class FusedAttention:
 
     fused_split: tuple[int, int, int]  # output widths of q, k, v inside qkv_proj
     fused_extras: dict  # what the family's forward passes its attention function besides the tensors
+    gqa_rows: bool = True  # SDPA through models/attention.sdpa_attention (no repeat_kv at one token)
     _rotary = None  # the family's apply_rotary_pos_emb
     _eager = None  # the family's eager_attention_forward
 
@@ -73,7 +75,7 @@ class FusedAttention:
         q, k = type(self)._rotary(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        attend = _attention_interface(self.config, type(self)._eager)
+        attend = _attention_interface(self.config, type(self)._eager, self.gqa_rows)
         out, weights = attend(self, q, k, v, attention_mask,
                               dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
                               **self.fused_extras, **kwargs)
@@ -144,11 +146,13 @@ def _fuse_group(module, names, new_name, mixin, split_attr, device, dtype, extra
     module.__class__ = _fused_class(mixin, type(module))
 
 
-def fuse_projections(model: nn.Module, device=None, dtype: torch.dtype | None = None) -> FusionReport:
+def fuse_projections(model: nn.Module, device=None, dtype: torch.dtype | None = None,
+                     gqa_rows: bool = True) -> FusionReport:
     """Fuse q/k/v and gate/up in every decoder layer of ``model`` in place (idempotent).
 
     ``device``/``dtype``: where the model will be placed, so fused compressed linears build their
-    kernel state once (``nn/fuse.py``); a model already placed needs neither.
+    kernel state once (``nn/fuse.py``); a model already placed needs neither. ``gqa_rows=False``
+    keeps transformers' SDPA function (``repeat_kv``) in the fused attention.
     """
     report = FusionReport()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -176,6 +180,8 @@ def fuse_projections(model: nn.Module, device=None, dtype: torch.dtype | None = 
             except FusionRefused as exc:
                 report.unfused[path] = str(exc)
                 continue
+            if mixin is FusedAttention:
+                module.gqa_rows = bool(gqa_rows)
             report.fused.append(f"{path}.{new_name}")
     if report.unfused:
         import warnings

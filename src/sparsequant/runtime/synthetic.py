@@ -173,11 +173,12 @@ def _skeleton_like(model, dtype):
     from transformers import AutoModelForCausalLM
 
     from ..checkpoint.io import _empty_model
-    from ..models.fused import fuse_projections, is_fused
+    from ..models.fused import FusedAttention, fuse_projections, is_fused
 
     twin = _empty_model(AutoModelForCausalLM, model.config, dtype)
     if is_fused(model):
-        fuse_projections(twin)
+        rows = all(m.gqa_rows for m in model.modules() if isinstance(m, FusedAttention))
+        fuse_projections(twin, gqa_rows=rows)
     return twin
 
 
