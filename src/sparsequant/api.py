@@ -45,15 +45,13 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, embed_int8: bool 
     """
     from .checkpoint.io import load_checkpoint
 
-    transform = None
-    if fuse:
-        from .models.fused import fuse_projections
+    from .models.fused import fuse_projections
 
-        def transform(model, dev, dt):
-            fuse_projections(model, device=dev, dtype=dt)
+    def fuse_before_placement(model, dev, dt):
+        fuse_projections(model, device=dev, dtype=dt)
 
     model, tokenizer, _ = load_checkpoint(path, device=device, dtype=dtype, embed_int8=embed_int8,
-                                          transform=transform)
+                                          transform=fuse_before_placement if fuse else None)
     return model, tokenizer
 
 

@@ -17,12 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def _stock_sdpa():
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return ALL_ATTENTION_FUNCTIONS["sdpa"]
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
 def sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -35,7 +30,8 @@ def sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.
     one_mask_row = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
     if (groups == 1 or q_len != 1 or not one_mask_row or kwargs.get("softcap") is not None
             or kwargs.get("position_bias") is not None or kwargs.get("output_attentions")):
-        return _stock_sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        stock = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        return stock(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if h != groups * key.shape[1]:
         raise ValueError(f"{h} query heads do not form groups of {groups} over {key.shape[1]} KV heads")
     q = query.reshape(b, h // groups, groups, d)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..nn.fuse import FusionRefused, fuse_linears
 from .attention import sdpa_attention
@@ -41,8 +42,6 @@ GATE_UP = ("gate_proj", "up_proj")
 
 
 def _attention_interface(config, default, gqa_rows: bool):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     impl = config._attn_implementation
     if impl == "sdpa" and gqa_rows:
         return sdpa_attention

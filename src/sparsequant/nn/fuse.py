@@ -31,9 +31,11 @@ class FusionRefused(SparseQuantError):
     """These linears cannot be computed exactly as one; the message says why."""
 
 
-def _stack_bias(parts, n_out: list[int], dtype, device) -> torch.Tensor | None:
+def _stack_bias(parts, n_out: list[int], dtype) -> torch.Tensor | None:
+    """The parts' biases end to end, zeros for a part without one; None when none has one."""
     if all(p.bias is None for p in parts):
         return None
+    device = next(p.bias.device for p in parts if p.bias is not None)
     return torch.cat([p.bias.detach().to(dtype) if p.bias is not None else torch.zeros(n, dtype=dtype, device=device)
                       for p, n in zip(parts, n_out)])
 
@@ -78,7 +80,7 @@ def _fuse_dense(parts: list[nn.Linear]) -> nn.Linear:
         fused = nn.Linear(parts[0].in_features, sum(n_out), bias=any(p.bias is not None for p in parts),
                           dtype=w.dtype)
     fused.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
-    bias = _stack_bias(parts, n_out, w.dtype, w.device)
+    bias = _stack_bias(parts, n_out, w.dtype)
     if bias is not None:
         fused.bias = nn.Parameter(bias, requires_grad=False)
     return fused
@@ -89,8 +91,7 @@ def _fuse_sparse(parts: list[SparseQuantLinear], device=None, dtype=None) -> Spa
     if len({(p.compute_dtype, p.act_quant) for p in parts}) != 1:
         raise FusionRefused("the linears differ in compute dtype or activation quantization")
     packed = concat_packed([p.packed for p in parts])
-    bias = _stack_bias(parts, [p.out_features for p in parts], first.compute_dtype,
-                       first.bias.device if first.bias is not None else None)
+    bias = _stack_bias(parts, [p.out_features for p in parts], first.compute_dtype)
     fused = SparseQuantLinear(packed, bias=bias, compute_dtype=first.compute_dtype, act_quant=first.act_quant)
     # Where the parts already run a kernel, the fused weight must too (else fusing would be a slowdown):
     # build its state for the same device and dtype now, and keep the parts if no kernel takes it.
