@@ -35,7 +35,7 @@ from ..nn.fuse import FusionRefused, fuse_linears
 from .attention import sdpa_attention
 from .families import decoder_layers
 
-#: model_type -> families whose attention and MLP forwards have the LLaMA form (see module docstring).
+#: model types whose attention and MLP forwards have the LLaMA form (see the module docstring).
 FUSABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3")
 QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
