@@ -16,7 +16,15 @@
    ``--compile`` / ``--no-compile`` choose the decode step (default: compiled when it works);
    ``--compile-compare`` times both (engines '<name>' and '<name>-compiled'). ``--embed-int8`` gives
    the sparse engines an int8 input embedding (int8 rows + per-row scales; issue 7's <= 0.22x memory
-   target) and adds a GPU-vs-CPU greedy check of it to the correctness phase.
+   target) and adds a GPU-vs-CPU greedy check of it to the correctness phase. Every engine's model
+   has q/k/v and gate/up fused (``models/fused.py``; ``--no-fuse`` keeps them separate);
+   ``--fuse-compare sparse,sparse-fp8,dense`` also times those engines unfused ('<engine>-unfused',
+   the same weights; ``--compare-batch`` limits the batches), ``--prefill-only-len 2048`` measures
+   prefill only at those prompt lengths (no decode compilation; the fp8 engines then run there only),
+   ``--no-time-dense`` builds the dense model for the twins without timing it; ``--gqa-compare``
+   adds 'sparse-repeatkv' (fused, but transformers' SDPA with ``repeat_kv``) to isolate the GQA path.
+   Issue 7's run within ~4 minutes: ``--embed-int8 --batch 1,32 --prompt-len 128 --no-hf
+   --fuse-compare sparse,sparse-fp8 --compare-batch 1 --prefill-only-len 2048 --budget-s 110``.
 
 Results go to $OUT (or --out): bench_e2e.json, bench_e2e.md, bench_e2e.png. The short table is
 printed last. The exit status is 1 when a correctness check failed (timings still run).
@@ -50,6 +58,26 @@ def log(msg: str) -> None:
 
 
 # -- 1. correctness -------------------------------------------------------------------------
+#: Largest float32-reference gap between the reference's token and the GPU's that counts as a tie:
+#: the logits here are ~2-4, where float16 steps by 0.002-0.004, and the GPU's fp16 kernels sum in
+#: another order than the CPU reference, so a top-2 gap below ~2 steps can flip either way.
+NEAR_TIE = 5e-3
+
+
+def greedy_check(got, want, prompts, ref32) -> dict:
+    """Greedy tokens equal, or every prompt's first divergence at a near-tie of the float32
+    reference (after a divergence the two continue from different contexts: nothing more to compare)."""
+    info = {"equal_tokens_per_prompt": [sum(a == b for a, b in zip(x, y)) for x, y in zip(got, want)],
+            "gpu": got, "cpu_reference": want, "divergences": []}
+    for r, (x, y) in enumerate(zip(got, want)):
+        if x != y:
+            k = next(i for i, (a, b) in enumerate(zip(x, y)) if a != b)
+            with torch.no_grad():
+                lg = ref32(torch.tensor([prompts[r] + y[:k]])).logits[0, -1].double()
+            info["divergences"].append({"prompt": r, "step": k, "ref_token": y[k], "gpu_token": x[k],
+                                        "ref_logit_gap": float(lg[y[k]] - lg[x[k]])})
+    info["ok"] = all(abs(d["ref_logit_gap"]) < NEAR_TIE for d in info["divergences"])
+    return info
 @torch.no_grad()
 def correctness(results: dict, embed_int8: bool = False) -> bool:
     from transformers import AutoModelForCausalLM
@@ -62,16 +90,19 @@ def correctness(results: dict, embed_int8: bool = False) -> bool:
     result = syn.compress_model_nm24(model, bits=4, group_size=128)
     tmp = Path(tempfile.mkdtemp(prefix="sq-e2e-"))
     sq.save(result, tmp / "ck")
-    ref, _ = sq.load(tmp / "ck", dtype=torch.float16)  # CPU reference path, same dtype as the GPU
-    ref32, _ = sq.load(tmp / "ck")  # CPU float32
+    # the reference: CPU, the stock transformers forwards over the stored linears (no fusion)
+    ref, _ = sq.load(tmp / "ck", dtype=torch.float16, fuse=False)  # CPU reference path, same dtype as the GPU
+    ref32, _ = sq.load(tmp / "ck", fuse=False)  # CPU float32
     before = torch.cuda.memory_allocated()
-    fast, _ = sq.load(tmp / "ck", device="cuda")
+    fast, _ = sq.load(tmp / "ck", device="cuda")  # fused q/k/v and gate/up (the default)
     held = torch.cuda.memory_allocated() - before
     lins = [m for m in fast.modules() if isinstance(m, SparseQuantLinear)]
     kinds = sorted({getattr(m._kernel_state, "kind", type(m._kernel_state).__name__) for m in lins})
     packed = sum(m.packed.nbytes() for m in lins)
     other = sum(t.numel() * t.element_size() for n, t in fast.state_dict().items() if ".packed_" not in n)
-    checks["kernels"] = {"ok": all(m._kernel_state is not None for m in lins), "kinds": kinds, "linears": len(lins)}
+    checks["kernels"] = {"ok": all(m._kernel_state is not None for m in lins) and len(lins) == 4 * cfg.num_hidden_layers,
+                         "kinds": kinds, "linears": len(lins), "fused": [n for n, m in fast.named_modules()
+                                                                         if n.endswith(("qkv_proj", "gate_up_proj"))][:2]}
     checks["gpu_memory"] = {"ok": held <= 1.1 * (packed + other) + (1 << 20), "held_bytes": held,
                             "packed_bytes": packed, "uncompressed_bytes": other}
 
@@ -92,17 +123,13 @@ def correctness(results: dict, embed_int8: bool = False) -> bool:
     t_eager = generate(fast, prompts, max_new_tokens=32, eos_token_id=[], cuda_graph=False, compile=False).tokens
     t_plain = generate(fast, prompts, max_new_tokens=32, eos_token_id=[], compile=False).tokens
     t_comp = generate(fast, prompts, max_new_tokens=32, eos_token_id=[], compile=True).tokens
-    same = [sum(a == b for a, b in zip(x, y)) for x, y in zip(t_gpu, t_ref)]
-    info = {"ok": t_gpu == t_ref, "equal_tokens_per_prompt": same, "gpu": t_gpu, "cpu_reference": t_ref}
-    if t_gpu != t_ref:  # say whether the first divergence is a near-tie of the reference's logits
-        for r, (x, y) in enumerate(zip(t_gpu, t_ref)):
-            if x != y:
-                k = next(i for i, (a, b) in enumerate(zip(x, y)) if a != b)
-                ctx = torch.tensor([prompts[r] + y[:k]])
-                lg = ref32(ctx).logits[0, -1].double()
-                info["first_divergence"] = {"prompt": r, "step": k, "ref_token": y[k], "gpu_token": x[k],
-                                            "ref_logit_gap": float(lg[y[k]] - lg[x[k]])}
-                break
+    plain_gpu, _ = sq.load(tmp / "ck", device="cuda", fuse=False)
+    t_unfused = generate(plain_gpu, prompts, max_new_tokens=32, eos_token_id=[]).tokens
+    del plain_gpu
+    checks["fused_equals_unfused_gpu"] = {"ok": t_unfused == t_gpu,
+                                          "equal_tokens_per_prompt": [sum(a == b for a, b in zip(x, y))
+                                                                      for x, y in zip(t_gpu, t_unfused)]}
+    info = greedy_check(t_gpu, t_ref, prompts, ref32)
     checks["greedy_32_tokens_gpu_vs_cpu_reference"] = info
     checks["cuda_graph_equals_eager"] = {"ok": t_plain == t_eager}
     checks["compiled_graph_equals_uncompiled"] = {"ok": t_comp == t_plain,
@@ -110,15 +137,16 @@ def correctness(results: dict, embed_int8: bool = False) -> bool:
                                                                                for x, y in zip(t_comp, t_plain)]}
 
     if embed_int8:  # the same checkpoint with an int8 input embedding: GPU (compiled graph) vs CPU reference
-        ref8, _ = sq.load(tmp / "ck", dtype=torch.float16, embed_int8=True)
+        ref8, _ = sq.load(tmp / "ck", dtype=torch.float16, embed_int8=True, fuse=False)
+        ref8_32, _ = sq.load(tmp / "ck", embed_int8=True, fuse=False)
         fast8, _ = sq.load(tmp / "ck", device="cuda", embed_int8=True)
         t8_ref = generate(ref8, prompts, max_new_tokens=32, eos_token_id=[]).tokens
         t8_gpu = generate(fast8, prompts, max_new_tokens=32, eos_token_id=[]).tokens
         emb = fast8.get_input_embeddings()
-        checks["int8_embedding_greedy_gpu_vs_cpu_reference"] = {
-            "ok": t8_gpu == t8_ref and emb.codes.is_cuda and emb.codes.dtype == torch.int8,
-            "equal_tokens_per_prompt": [sum(a == b for a, b in zip(x, y)) for x, y in zip(t8_gpu, t8_ref)],
-            "equal_tokens_to_fp16_embedding": [sum(a == b for a, b in zip(x, y)) for x, y in zip(t8_gpu, t_gpu)]}
+        info8 = greedy_check(t8_gpu, t8_ref, prompts, ref8_32)
+        info8["ok"] = info8["ok"] and emb.codes.is_cuda and emb.codes.dtype == torch.int8
+        info8["equal_tokens_to_fp16_embedding"] = [sum(a == b for a, b in zip(x, y)) for x, y in zip(t8_gpu, t_gpu)]
+        checks["int8_embedding_greedy_gpu_vs_cpu_reference"] = info8
         del fast8
 
     # 2:4 fp8 W8A8 twin of a dense fp16 tiny model: within fp8 tolerance of its W8A16 reference
@@ -141,47 +169,103 @@ def correctness(results: dict, embed_int8: bool = False) -> bool:
 
 
 # -- 2. speed -------------------------------------------------------------------------------
-def speed(args, results: dict):
-    cfg = syn.synthetic_config(args.config, args.layers)
-    log(f"building {args.config} with {cfg.num_hidden_layers} layers (random fp16 on the GPU)")
-    dense = syn.build_dense(cfg, device=args.device, dtype=torch.float16, seed=0)
+def _twins(dense, args, suffix: str, meta: dict, fp8: bool = True) -> dict:
+    """The compressed engines built from ``dense`` (fused or not), named ``<engine><suffix>``."""
     sparse, pack_s = syn.sparse_twin(dense, "2:4-w4a16", embed_int8=args.embed_int8)
-    log(f"2:4 W4A16 g128 packing + kernel layout: {pack_s:.1f} s packing for {cfg.num_hidden_layers} layers"
-        + (" (int8 input embedding)" if args.embed_int8 else ""))
-    engines = {"sparse": sparse}
-    meta = {"model": f"{args.config} ({cfg.num_hidden_layers} layers)", "config": args.config,
-            "layers": cfg.num_hidden_layers, "pack_seconds_w4a16": pack_s, "embed_int8": args.embed_int8}
-    if not args.no_fp8 and args.device == "cuda":
+    meta[f"pack_seconds_w4a16{suffix}"] = pack_s
+    out = {"sparse" + suffix: sparse}
+    if fp8 and not args.no_fp8 and args.device == "cuda":
         try:
-            fp8, s8 = syn.sparse_twin(dense, "2:4-fp8", embed_int8=args.embed_int8)
-            engines["sparse-fp8"] = fp8
-            meta["pack_seconds_fp8"] = s8
-            log(f"2:4 fp8 twin: {s8:.1f} s")
+            out["sparse-fp8" + suffix], meta[f"pack_seconds_fp8{suffix}"] = syn.sparse_twin(
+                dense, "2:4-fp8", embed_int8=args.embed_int8)
         except Exception as exc:  # report and go on with the other engines
             meta["fp8_error"] = f"{type(exc).__name__}: {exc}"
             log(f"2:4 fp8 twin failed: {meta['fp8_error']}")
-    engines["dense"] = dense
+    return out
+
+
+def speed(args, results: dict, save=lambda: None):
+    from sparsequant.models.fused import fuse_projections
+    from sparsequant.runtime.bench import BenchReport
+
+    cfg = syn.synthetic_config(args.config, args.layers)
+    log(f"building {args.config} with {cfg.num_hidden_layers} layers (random fp16 on the GPU)"
+        + (", q/k/v and gate/up fused" if args.fuse else ", projections unfused"))
+    dense = syn.build_dense(cfg, device=args.device, dtype=torch.float16, seed=0)
+    if args.fuse:
+        fuse_projections(dense)  # the compressed twins mirror it
+    meta = {"model": f"{args.config} ({cfg.num_hidden_layers} layers)", "config": args.config,
+            "layers": cfg.num_hidden_layers, "embed_int8": args.embed_int8, "fused": args.fuse}
+    engines = _twins(dense, args, "", meta)
+    log(f"2:4 W4A16 g128 packing + kernel layout: {meta['pack_seconds_w4a16']:.1f} s for {cfg.num_hidden_layers} layers"
+        + (" (int8 input embedding)" if args.embed_int8 else ""))
+    if args.time_dense:
+        engines["dense"] = dense
     if not args.no_hf:
         engines["transformers"] = dense
+    unfused = {}  # the comparison engines: '-unfused' and '-repeatkv'
+    if args.fuse_compare:  # the same weights (same seed), projections separate
+        plain = syn.build_dense(cfg, device=args.device, dtype=torch.float16, seed=0)
+        twins = _twins(plain, args, "-unfused", meta, fp8="sparse-fp8" in args.fuse_compare)
+        for name in args.fuse_compare:
+            model = plain if name == "dense" else twins.get(name + "-unfused")
+            if model is not None:
+                unfused[name + "-unfused"] = model
+        del plain, twins
+    if args.gqa_compare:  # fused projections, transformers' SDPA (repeat_kv) instead of sdpa_attention
+        other = syn.build_dense(cfg, device=args.device, dtype=torch.float16, seed=0)
+        fuse_projections(other, gqa_rows=False)
+        unfused["sparse-repeatkv"], _ = syn.sparse_twin(other, "2:4-w4a16", embed_int8=args.embed_int8)
+        del other
     dense_bytes = syn.weight_bytes_on(dense, args.device)
-    meta["weight_bytes"] = {n: syn.weight_bytes_on(m, args.device) for n, m in engines.items() if n != "transformers"}
+    everything = {**engines, **unfused}
+    meta["weight_bytes"] = {n: syn.weight_bytes_on(m, args.device) for n, m in everything.items() if n != "transformers"}
     meta["weight_ratio_vs_dense"] = {n: b / dense_bytes for n, b in meta["weight_bytes"].items()}
-    lin = [m for m in sparse.modules() if isinstance(m, SparseQuantLinear)]
+    lin = [m for m in engines["sparse"].modules() if isinstance(m, SparseQuantLinear)]
     lin_fp16 = sum(2 * m.in_features * m.out_features for m in lin)
     # on a GPU the kernel states hold the packed bits; on the CPU the checkpoint-layout buffers do
     kernel_bytes = sum(sum(t.numel() * t.element_size() for t in syn._state_tensors(m._kernel_state))
                        if m._kernel_state is not None else m.packed.nbytes() for m in lin)
     meta["linear_weight_ratio_vs_fp16"] = kernel_bytes / lin_fp16
+    meta["sparse_linears"] = len(lin)
+    meta["kernel_kinds"] = sorted({getattr(m._kernel_state, "kind", "none") for m in lin})
     log("weight memory vs dense fp16: " + ", ".join(f"{n} {r:.3f}x" for n, r in meta["weight_ratio_vs_dense"].items())
-        + f"; compressed linears alone {meta['linear_weight_ratio_vs_fp16']:.3f}x")
+        + f"; compressed linears alone {meta['linear_weight_ratio_vs_fp16']:.3f}x; {len(lin)} linears "
+        + ", ".join(meta["kernel_kinds"]))
     settings = BenchSettings(batches=tuple(args.batch), prompt_lens=tuple(args.prompt_len), steps=args.steps,
                              repeats=args.repeats, hf_tokens=args.hf_tokens, budget_s=args.budget_s)
     meta["settings"] = {k: getattr(settings, k) for k in settings.__dataclass_fields__}
     meta["compile"] = "compare" if args.compile_compare else args.compile
     from sparsequant.commands.bench import with_compile_options
 
-    runs = with_compile_options(engines, args.compile, args.compile_compare)
-    report = run_bench(runs, settings, meta=meta, log=log, prefill_only=frozenset())
+    # Phases, most informative first; each gets what is left of --budget-s: batch by batch, the
+    # engines then their -unfused twins; the prefill-only lengths after the first batch. With
+    # prefill-only lengths, the fp8 (W8A8, mostly a prefill format) engines are measured there only.
+    t0 = time.perf_counter()
+    fields = dict(meta["settings"])
+    fp8_prefill = bool(args.prefill_only_len)
+    decode_main = {n: m for n, m in engines.items() if not (fp8_prefill and n.startswith("sparse-fp8"))}
+    decode_unfused = {n: m for n, m in unfused.items() if not (fp8_prefill and n.startswith("sparse-fp8"))}
+    compare = set(args.compare_batch or args.batch)
+    phases = []
+    for i, b in enumerate(args.batch):
+        phases.append((decode_main, BenchSettings(**{**fields, "batches": (b,)}), frozenset()))
+        if decode_unfused and b in compare:
+            phases.append((decode_unfused, BenchSettings(**{**fields, "batches": (b,)}), frozenset()))
+        if i == 0 and args.prefill_only_len:
+            pre = {n: m for n, m in everything.items() if n != "transformers"}
+            phases.append((pre, BenchSettings(**{**fields, "batches": tuple(args.prefill_only_batch),
+                                                 "prompt_lens": tuple(args.prefill_only_len)}), frozenset(pre)))
+    report = BenchReport(meta=meta)
+    for group, st, prefill_only in phases:
+        left = None if args.budget_s is None else max(0.0, args.budget_s - (time.perf_counter() - t0))
+        st = BenchSettings(**{**{k: getattr(st, k) for k in st.__dataclass_fields__}, "budget_s": left})
+        runs = with_compile_options(group, args.compile, args.compile_compare)
+        part = run_bench(runs, st, meta=meta, log=log, prefill_only=prefill_only)
+        report.rows.extend(part.rows)
+        results["bench"] = report.to_dict()
+        save()
+    report.meta["seconds"] = time.perf_counter() - t0
     results["bench"] = report.to_dict()
     return report
 
@@ -205,6 +289,18 @@ def acceptance(report) -> list[str]:
         r, v = ratio(("sparse" + suffix, 32, 128), ("dense" + suffix, 32, 128), "decode_tok_s")
         lines.append(f"batch 32 decode (prompt 128){label}: {v or 0:.0f} tok/s = {r or 0:.2f}x dense fp16 "
                      f"(target >= 1.8x)")
+    variants = {"-unfused": "fused vs unfused projections",
+                "-repeatkv": "GQA attention without vs with repeat_kv (both fused)"}
+    for (name, b, p), row in sorted(rows.items()):
+        for suffix, label in variants.items():
+            if not name.endswith(suffix):
+                continue
+            fused = name[: -len(suffix)]
+            for key, what in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
+                r, v = ratio((fused, b, p), (name, b, p), key)
+                if r and getattr(row, key):
+                    lines.append(f"{label}, {fused}, batch {b}, prompt {p}: {what} "
+                                 f"{v:,.1f} vs {getattr(row, key):,.1f} tok/s = {r:.3f}x")
     for b in (1, 32):
         r, v = ratio(("dense-compiled", b, 128), ("dense", b, 128), "decode_tok_s")
         r2, v2 = ratio(("sparse-compiled", b, 128), ("sparse", b, 128), "decode_tok_s")
@@ -246,9 +342,29 @@ def main(argv=None) -> int:
     p.add_argument("--embed-int8", action="store_true",
                    help="sparse engines hold the input embedding as int8 rows + per-row scales "
                    "(weight memory counts codes + scales; the correctness phase also checks it)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="q/k/v and gate/up stacked into one linear each in every engine (default; models/fused.py)")
+    p.add_argument("--fuse-compare", type=lambda s: [x for x in s.split(",") if x], default=[],
+                   help="engines (sparse, sparse-fp8, dense) also timed with separate projections, as "
+                   "'<engine>-unfused' (the same weights)")
+    p.add_argument("--gqa-compare", action="store_true",
+                   help="also time 'sparse-repeatkv': fused projections with transformers' SDPA (repeat_kv "
+                   "of the KV cache) instead of models/attention.sdpa_attention, at --compare-batch")
+    p.add_argument("--compare-batch", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="batches at which the -unfused engines decode (default: --batch)")
+    p.add_argument("--prefill-only-len", type=lambda s: [int(x) for x in s.split(",")], default=[],
+                   help="prompt lengths measured for prefill only, every engine (no decode compilation)")
+    p.add_argument("--time-dense", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the dense fp16 engine (--no-time-dense: build it for the twins and the byte "
+                   "ratios only, e.g. to compare fused and unfused sparse engines within a short budget)")
+    p.add_argument("--prefill-only-batch", type=lambda s: [int(x) for x in s.split(",")], default=[1])
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--device", default="cuda", help="cpu: a dry run of the timing phase (tests; no correctness phase)")
     args = p.parse_args(argv)
+    if (args.fuse_compare or args.gqa_compare) and not args.fuse:
+        p.error("--fuse-compare and --gqa-compare compare against the fused engines: drop --no-fuse")
+    if set(args.fuse_compare) - {"sparse", "sparse-fp8", "dense"}:
+        p.error(f"--fuse-compare takes sparse, sparse-fp8, dense; got {args.fuse_compare}")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_e2e.py needs a CUDA GPU (--device cpu --config tiny-llama is a dry run of the timing phase)")
         return 2
@@ -263,8 +379,16 @@ def main(argv=None) -> int:
             results["correctness_error"] = traceback.format_exc()
             log("FAIL correctness raised:\n" + results["correctness_error"])
     report = None
+
+    def save():  # after each phase, so a run cut short still leaves its numbers
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "bench_e2e.json").write_text(json.dumps(results, indent=2, default=str))
+
+    save()
     try:
-        report = speed(args, results)
+        report = speed(args, results, save)
     except Exception:
         results["speed_error"] = traceback.format_exc()
         log("speed phase raised:\n" + results["speed_error"])

@@ -3,7 +3,8 @@
 Builds a synthetic model (default LLaMA-2-7B shape, 8 layers), runs the engine's decode step
 eagerly under torch.profiler for a few steps and prints the top kernels by total GPU time, the
 number of kernel launches per step, and the graph-replay step time for comparison. Run with
-``--scheme dense`` and ``--scheme 2:4-w4a16`` to compare, ``--compile`` for the torch.compiled step.
+``--scheme dense`` and ``--scheme 2:4-w4a16`` to compare, ``--compile`` for the torch.compiled step,
+``--no-fuse`` for separate q/k/v and gate/up linears.
 
     PYTHONPATH=src python benchmarks/profile_decode.py --layers 8 --scheme dense
 """
@@ -29,6 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="profile the torch.compiled step (default: the uncompiled one)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="q/k/v and gate/up fused into one linear each, as the engine runs by default")
     p.add_argument("--out", default=os.environ.get("OUT"))
     args = p.parse_args(argv)
 
@@ -39,6 +42,10 @@ def main(argv=None) -> int:
 
     cfg = syn.synthetic_config(args.config, args.layers)
     model = syn.build_dense(cfg, "cuda", torch.float16)
+    if args.fuse:
+        from sparsequant.models.fused import fuse_projections
+
+        fuse_projections(model)  # a sparse twin mirrors it
     if args.scheme != "dense":
         model, _ = syn.sparse_twin(model, args.scheme)
     eng = DecodeEngine(model, args.batch, args.max_len, cuda_graph=False, compile=args.compile)

@@ -94,7 +94,8 @@ def test_bench_command_on_a_checkpoint_writes_json_table_and_plot(tmp_path, caps
     assert rc == 0
     data = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert {r["engine"] for r in data["rows"]} == {"sparse", "dense"}
-    assert data["meta"]["compressed_linears"] == 14
+    assert data["meta"]["compressed_linears"] == 8  # per layer: qkv, o, gate_up, down (fused by default)
+    assert data["meta"]["fused"] is True
     assert (tmp_path / "b" / "bench.png").stat().st_size > 0
     assert "decode tok/s" in capsys.readouterr().out
     assert main(["bench", str(tmp_path / "nothing"), "--device", "cpu"]) == 2

@@ -128,6 +128,9 @@ def test_generate_and_bench_commands_take_compile_flags():
     root = runtime_cli()
     assert root.parse_args(["generate", "--prompt", "x", "--no-compile"]).compile is False
     assert root.parse_args(["generate", "--prompt", "x"]).compile is None
+    assert root.parse_args(["generate", "--prompt", "x"]).fuse is True
+    assert root.parse_args(["generate", "--prompt", "x", "--no-fuse"]).fuse is False
+    assert root.parse_args(["bench", "llama-2-7b", "--no-fuse"]).fuse is False
     args = root.parse_args(["bench", "llama-2-7b", "--compile"])
     assert args.compile is True and not args.compile_compare
     m = object()

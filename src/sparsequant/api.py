@@ -32,26 +32,35 @@ def save(result: CompressionResult, out, tokenizer=None, overwrite: bool = False
     return save_checkpoint(result, out, tokenizer=tokenizer, extra=extra, overwrite=overwrite)
 
 
-def load(path, device="cpu", dtype: torch.dtype | None = None, embed_int8: bool = False):
+def load(path, device="cpu", dtype: torch.dtype | None = None, embed_int8: bool = False, fuse: bool = True):
     """Load a compressed checkpoint: ``(model, tokenizer)``; linears are SparseQuantLinear modules.
 
     On ``"cuda"`` the compressed linears hold only their packed weights in the GPU kernels' layout
     (dense weights are never built there) and compute in float16 (or ``dtype``); on the CPU they
     run the exact reference path in the dtype recorded at compression time. ``embed_int8`` keeps the
     input embedding as int8 rows with one scale per row (half its fp16 bytes; lookups dequantize
-    only the rows they gather); refused for tied embeddings.
+    only the rows they gather); refused for tied embeddings. ``fuse`` (default) stacks each layer's
+    q/k/v and gate/up linears into one linear each before placement (``models/fused.py``; the
+    checkpoint is unchanged, and groups that cannot be stacked exactly stay separate).
     """
     from .checkpoint.io import load_checkpoint
 
-    model, tokenizer, _ = load_checkpoint(path, device=device, dtype=dtype, embed_int8=embed_int8)
+    from .models.fused import fuse_projections
+
+    def fuse_before_placement(model, dev, dt):
+        fuse_projections(model, device=dev, dtype=dt)
+
+    model, tokenizer, _ = load_checkpoint(path, device=device, dtype=dtype, embed_int8=embed_int8,
+                                          transform=fuse_before_placement if fuse else None)
     return model, tokenizer
 
 
-def generate(model, prompts, tokenizer=None, *, device=None, **kwargs):
+def generate(model, prompts, tokenizer=None, *, device=None, fuse: bool = True, **kwargs):
     """Generate continuations of ``prompts`` (text with a tokenizer, or token ids; one or a batch).
 
     ``model`` is a loaded model or a path: a checkpoint folder (loaded with :func:`load`), a model
-    folder, ``.gguf`` file or hub id. Keyword arguments go to ``runtime.generate.generate``:
+    folder, ``.gguf`` file or hub id; a model loaded here gets fused projections unless ``fuse=False``
+    (a model passed in is run as it is). Keyword arguments go to ``runtime.generate.generate``:
     ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``seed``,
     ``eos_token_id``, ``on_token`` (streaming callback), ``cuda_graph``. Returns a ``Generation``
     (``tokens`` and, with a tokenizer, ``texts``).
@@ -63,8 +72,12 @@ def generate(model, prompts, tokenizer=None, *, device=None, **kwargs):
 
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if is_checkpoint(model):
-            model, tok = load(model, device=dev)
+            model, tok = load(model, device=dev, fuse=fuse)
         else:
             model, tok = load_model(str(model), dtype=torch.float32 if dev == "cpu" else torch.float16, device=dev)
+            if fuse:
+                from .models.fused import fuse_projections
+
+                fuse_projections(model)
         tokenizer = tokenizer or tok
     return _generate(model, prompts, tokenizer, **kwargs)

@@ -125,7 +125,7 @@ def _read_tensors(path: Path, expected_sha: str | None, verify: bool) -> dict[st
 
 
 def load_checkpoint(path, device="cpu", verify: bool = True, dtype: torch.dtype | None = None,
-                    embed_int8: bool = False):
+                    embed_int8: bool = False, transform=None):
     """Rebuild ``(model, tokenizer, meta)`` from a checkpoint folder.
 
     Compressed linears become SparseQuantLinear modules holding the packed tensors; everything
@@ -136,7 +136,8 @@ def load_checkpoint(path, device="cpu", verify: bool = True, dtype: torch.dtype 
     compressed linear gets its kernel state built once, and only the kernel's copy of its packed
     bits lives there (``nn.convert.place_on_device``). ``embed_int8`` stores the input embedding as
     int8 rows + one scale per row (``nn/embedding.py``), quantized here from the stored table; a
-    checkpoint with tied embeddings is refused.
+    checkpoint with tied embeddings is refused. ``transform(model, device, dtype)`` runs on the
+    loaded model just before it moves to ``device`` (``api.load`` fuses projections there).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -189,6 +190,8 @@ def load_checkpoint(path, device="cpu", verify: bool = True, dtype: torch.dtype 
         from ..nn.embedding import quantize_input_embedding
 
         quantize_input_embedding(model, compute_dtype)  # before the move: the fp16 table never reaches the device
+    if transform is not None:
+        transform(model, device, compute_dtype)
     place_on_device(model, device, compute_dtype)
     tokenizer = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():

@@ -54,6 +54,9 @@ def add_parser(subparsers, common_parent):
     p.add_argument("--embed-int8", action="store_true",
                    help="the sparse engines hold the input embedding as int8 rows + one scale per row "
                    "(the dense baseline keeps fp16); refused for tied embeddings")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="every engine's model with q/k/v and gate/up stacked into one linear each (default; "
+                   "--no-fuse keeps them separate)")
     p.add_argument("--out", help="folder for bench.json, bench.md and bench.png")
     p.set_defaults(func=run)
     return p
@@ -76,13 +79,18 @@ def build_engines(args, device, log=print):
     engines = {}
     t0 = time.perf_counter()
     if is_checkpoint(args.model):
-        sparse, _ = api.load(args.model, device=device, dtype=torch.float16, embed_int8=args.embed_int8)
+        sparse, _ = api.load(args.model, device=device, dtype=torch.float16, embed_int8=args.embed_int8,
+                             fuse=args.fuse)
         dense = syn.dense_twin(sparse)
         meta["source"] = "checkpoint"
         fp8 = None
     elif args.model in syn.CONFIGS:
         cfg = syn.synthetic_config(args.model, args.layers)
         dense = syn.build_dense(cfg, device=device, dtype=torch.float16, seed=0)
+        if args.fuse:  # the twins below mirror it
+            from ..models.fused import fuse_projections
+
+            fuse_projections(dense)
         sparse, pack_s = syn.sparse_twin(dense, args.scheme, embed_int8=args.embed_int8)
         meta.update(source="synthetic", scheme=args.scheme, layers=cfg.num_hidden_layers,
                     full_layers=syn.CONFIGS[args.model]["num_hidden_layers"], pack_seconds=pack_s)
@@ -96,6 +104,7 @@ def build_engines(args, device, log=print):
                                f"({', '.join(syn.CONFIGS)})")
     meta["build_seconds"] = time.perf_counter() - t0
     meta["embed_int8"] = bool(args.embed_int8)
+    meta["fused"] = bool(args.fuse)
     order = wanted or ["sparse", "sparse-fp8", "dense", "transformers"]
     for name in order:
         model = {"sparse": sparse, "dense": dense, "transformers": dense, "sparse-fp8": fp8}[name]

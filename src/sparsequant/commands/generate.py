@@ -24,6 +24,9 @@ def add_parser(subparsers, common_parent):
     p.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly on a GPU")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decode step (default: on for CUDA when it works, off on the CPU)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="stack each layer's q/k/v and gate/up linears into one linear each (default; "
+                   "--no-fuse keeps them separate; checkpoints are never changed)")
     p.add_argument("--embed-int8", action="store_true",
                    help="hold the input embedding as int8 rows + one scale per row (half its bytes; "
                    "refused when the LM head is tied to it)")
@@ -69,7 +72,7 @@ def run(args) -> int:
     if args.model and is_checkpoint(args.model):
         from .. import api
 
-        model, tokenizer = api.load(args.model, device=device, embed_int8=args.embed_int8)
+        model, tokenizer = api.load(args.model, device=device, embed_int8=args.embed_int8, fuse=args.fuse)
     else:
         dtype = torch.float32 if device == "cpu" else torch.float16
         model, tokenizer = load_model(args.model, dtype=dtype, device=device, quiet=args.quiet)
@@ -77,6 +80,10 @@ def run(args) -> int:
             from ..nn.embedding import quantize_input_embedding
 
             quantize_input_embedding(model, dtype)
+        if args.fuse:
+            from ..models.fused import fuse_projections
+
+            fuse_projections(model)
     if tokenizer is None:
         raise SparseQuantError(f"{args.model} has no tokenizer files; text prompts need one")
     prompts = args.prompt

@@ -55,10 +55,15 @@ def place_on_device(model: nn.Module, device, dtype: torch.dtype) -> list[str]:
             moved[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
         return moved[id(t)]
 
+    target = device
+    if device.type == "cuda" and device.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
     for name, module in model.named_modules():
         if isinstance(module, SparseQuantLinear):
             if module.bias is not None:
                 module.bias = move(module.bias)
+            if module._kernel_state is not None and module._kernel_key == (target, dtype):
+                continue  # prepared already (models/fused.py builds fused states before placement)
             if device.type == "cpu" or not module.prepare_kernel(device, dtype):
                 for t in module._names:
                     setattr(module, f"packed_{t}", getattr(module, f"packed_{t}").to(device))

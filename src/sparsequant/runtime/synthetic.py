@@ -167,6 +167,21 @@ def compress_model_nm24(model, bits: int = 4, group_size: int | None = 128):
                              storage_dtype=storage, seconds=time.perf_counter() - t0)
 
 
+def _skeleton_like(model, dtype):
+    """``model``'s architecture with parameters on the meta device, its projections fused where
+    ``model``'s are (so module paths match)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..checkpoint.io import _empty_model
+    from ..models.fused import FusedAttention, fuse_projections, is_fused
+
+    twin = _empty_model(AutoModelForCausalLM, model.config, dtype)
+    if is_fused(model):
+        rows = all(m.gqa_rows for m in model.modules() if isinstance(m, FusedAttention))
+        fuse_projections(twin, gqa_rows=rows)
+    return twin
+
+
 @torch.no_grad()
 def sparse_twin(dense, scheme: str | Scheme = "2:4-w4a16", embed_int8: bool = False):
     """A model that shares ``dense``'s embeddings, norms and LM head and holds its decoder linears
@@ -175,16 +190,14 @@ def sparse_twin(dense, scheme: str | Scheme = "2:4-w4a16", embed_int8: bool = Fa
     The dense model is left untouched, so both can be measured in the same process; the twin adds
     only the packed weights to the device's memory. ``embed_int8`` gives the twin its own int8 copy
     of the input embedding (``nn/embedding.py``) instead of sharing dense's table, so
-    ``weight_bytes_on(twin)`` counts codes + scales. Returns ``(twin, seconds spent packing)``.
+    ``weight_bytes_on(twin)`` counts codes + scales. A ``dense`` with fused projections
+    (``models/fused.py``) gives a fused twin: each fused weight is packed as one (magnitude 2:4 and
+    RTN work row by row, so that equals stacking the parts' packs). Returns ``(twin, seconds spent packing)``.
     """
-    from transformers import AutoModelForCausalLM
-
-    from ..checkpoint.io import _empty_model
-
     s = get_scheme(scheme) if isinstance(scheme, str) else scheme
     emb = dense.get_input_embeddings().weight
     device, dtype = emb.device, emb.dtype
-    twin = _empty_model(AutoModelForCausalLM, dense.config, dtype)
+    twin = _skeleton_like(dense, dtype)
     linears = decoder_linears(dense)
     modules = dict(twin.named_modules())
     t0 = time.perf_counter()
@@ -252,12 +265,8 @@ def dense_twin(model):
     norms and head (shared), each compressed linear replaced by an nn.Linear holding its dequantized
     weight in the model's dtype on its device. The dense baseline of ``sparsequant bench <checkpoint>``.
     An Int8Embedding becomes an nn.Embedding holding its dequantized table (the same values)."""
-    from transformers import AutoModelForCausalLM
-
-    from ..checkpoint.io import _empty_model
-
     device, dtype = embedding_device_dtype(model)
-    twin = _empty_model(AutoModelForCausalLM, model.config, dtype)
+    twin = _skeleton_like(model, dtype)
     sq = {n: m for n, m in model.named_modules() if isinstance(m, SparseQuantLinear)}
     modules = dict(twin.named_modules())
     for name, m in sq.items():
