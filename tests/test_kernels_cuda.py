@@ -198,15 +198,46 @@ def test_kernel_in_cuda_graph_and_strided_input(m):
         assert rel(y2, static_x.double() @ w.t()) < 2e-3
 
 
-def test_choose_splits_fills_one_wave():
-    from sparsequant.kernels.mma_sp import choose_splits
+def test_plan_follows_the_measured_best():
+    """Points of run 18's sweep (benchmarks/KERNEL_NOTES.md) that the planner reproduces."""
+    from sparsequant.kernels.mma_sp import plan_for
 
-    assert choose_splits(64, 528, 16) == 8
-    assert choose_splits(172, 528, 16) == 3
-    assert choose_splits(1000, 132, 16) == 1  # enough tiles already
-    assert choose_splits(32, 528, 16) == 16  # capped
-    assert choose_splits(4, 132, 8) == 8  # capped by the K steps
-    assert choose_splits(0, 132, 8) == 8
+    rt = {4096: 256, 11008: 688, 14336: 896}  # 16-row tiles
+    s = {4096: 32, 11008: 86, 14336: 112}  # 128-column super-tiles
+    assert plan_for(1, rt[4096], s[4096]) == (3, 16)
+    assert plan_for(1, rt[11008], s[4096]) == (3, 4)
+    assert plan_for(8, rt[4096], s[11008]) == (0, 8)
+    assert plan_for(8, rt[14336], s[4096]) == (3, 4)
+    assert plan_for(16, rt[4096], s[4096]) == (0, 4)
+    assert plan_for(16, rt[4096], s[14336]) == (1, 8)
+    assert plan_for(16, rt[11008], s[4096]) == (1, 1)
+    assert plan_for(32, rt[4096], s[11008]) == (1, 4)
+    assert plan_for(32, rt[14336], s[4096]) == (2, 1)
+    assert plan_for(64, rt[4096], s[14336]) == (4, 8)
+    assert plan_for(128, rt[4096], s[4096]) == (2, 1)
+    assert plan_for(128, rt[4096], s[11008]) == (4, 4)
+    assert plan_for(128, rt[11008], s[4096]) == (4, 1)
+
+
+def test_plan_is_valid_everywhere():
+    from sparsequant.kernels.mma_sp import MAX_SPLITS, TILES, plan_for
+
+    for rt in (1, 7, 8, 9, 64, 250, 511, 512, 513, 1376):
+        for s in (1, 2, 3, 31, 32, 33, 86, 200):
+            for m in (1, 2, 3, 5, 8, 9, 16, 17, 31, 32, 33, 64, 65, 100, 128, 129, 300, 512):
+                tile, sp = plan_for(m, rt, s)
+                assert 0 <= tile < len(TILES)
+                assert 1 <= sp <= min(MAX_SPLITS, s), (m, rt, s, tile, sp)
+
+
+@pytest.mark.gpu
+def test_planner_table_matches_library():
+    if not _hopper():
+        pytest.skip("needs sm_90")
+    from sparsequant.kernels.mma_sp import TILES, n_tiles, tile_info
+
+    assert n_tiles() == len(TILES)
+    assert all(tile_info(t)[0::2] == TILES[t] for t in range(len(TILES)))
 
 
 @pytest.mark.gpu

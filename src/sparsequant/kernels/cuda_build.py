@@ -3,7 +3,7 @@
 The sources need no torch headers (they export plain C functions taking device pointers and a
 stream), so they are built with plain ``nvcc`` rather than ``torch.utils.cpp_extension``, and the
 library works with any torch build. Each ``.cu`` is compiled to an object in its own process (in
-parallel: the tiled kernel's 24 instantiations take about two CPU minutes), then one link makes
+parallel: the tiled kernel's 20 instantiations take one to two CPU minutes), then one link makes
 the shared library. It is cached under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/sparsequant/torch_extensions``
 (``SPARSEQUANT_CACHE`` overrides the root), named by a hash of the source and the flags, and
 written atomically (compiled to a temporary name, then renamed), so concurrent first uses are safe.
@@ -101,6 +101,8 @@ def library() -> ctypes.CDLL:
     lib.sq_mma_sp_tiled_occupancy.restype = i
     lib.sq_mma_sp_tile_info.argtypes = [i, ctypes.POINTER(i), ctypes.POINTER(i)]
     lib.sq_mma_sp_tile_info.restype = i
+    lib.sq_mma_sp_tile_rows.argtypes = [i]
+    lib.sq_mma_sp_tile_rows.restype = i
     lib.sq_mma_sp_probe.argtypes = [p, p, p]
     lib.sq_mma_sp_probe.restype = i
     lib.sq_cuda_error_string.argtypes = [i]

@@ -4,9 +4,10 @@
 with ``x [M, K]`` launches one kernel:
 
 - the tiled kernel (default): activations and weights staged in shared memory through cp.async,
-  B fragments by ldmatrix, a block = 128 output rows x ``bm`` tokens of a K range. ``tile_for(m)``
-  picks the tile configuration (index into the table in mma_sp_tiled.cu, read back with
-  ``tile_info``), ``MmaSpState.plan`` the split-K factor (enough blocks to fill the GPU);
+  B fragments by ldmatrix, a block = 128 or 256 output rows x ``bm`` tokens of a K range.
+  ``plan_for`` picks the tile configuration (index into the table in mma_sp_tiled.cu, mirrored in
+  ``TILES``) and the split-K factor from the token count and the weight's shape (fitted to
+  measurements, benchmarks/KERNEL_NOTES.md);
 - ``MmaSpState.direct``: the first kernel, B fragments straight from global memory (``config_for``
   picks NT n-tiles of 8 tokens per warp and WR row tiles per block); no longer dispatched (slower
   than the tiled one from 2 tokens on, BENCHMARKS.md), kept for comparison in the benchmark.
@@ -23,7 +24,8 @@ from .mma_sp_layout import MmaSpLayout, build_mma_sp_layout, groups_per_supertil
 
 #: Token counts above which the kernels are not used (dispatch in kernels/__init__.py).
 MAX_TOKENS = 512
-#: Row tiles (16 rows) per block of the tiled kernel, every configuration (kRowTiles in the .cu).
+#: Fewest row tiles (16 rows) per block of any tiled configuration (8 or 16, ``tile_info``): sizes
+#: the split-K counters.
 TILE_ROW_TILES = 8
 #: Largest split-K factor the planner picks.
 MAX_SPLITS = 16
@@ -53,12 +55,13 @@ def config_for(m: int, rt: int) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=None)
-def tile_info(tile: int) -> tuple[int, int]:
-    """(tokens per block, threads per block) of tiled configuration ``tile``, from the library."""
+def tile_info(tile: int) -> tuple[int, int, int]:
+    """(tokens per block, threads per block, row tiles per block) of tiled configuration ``tile``."""
+    lib = cuda_build.library()
     bm, th = ctypes.c_int(), ctypes.c_int()
-    if cuda_build.library().sq_mma_sp_tile_info(tile, ctypes.byref(bm), ctypes.byref(th)) != 0:
+    if lib.sq_mma_sp_tile_info(tile, ctypes.byref(bm), ctypes.byref(th)) != 0:
         raise ValueError(f"unknown mma.sp tile configuration {tile}")
-    return bm.value, th.value
+    return bm.value, th.value, lib.sq_mma_sp_tile_rows(tile)
 
 
 def n_tiles() -> int:
@@ -68,32 +71,60 @@ def n_tiles() -> int:
     return n
 
 
-def tile_for(m: int) -> int:
-    """The tiled configuration for ``m`` tokens (measured on an H100, benchmarks/KERNEL_NOTES.md).
+#: (tokens per block, row tiles per block) of the tiled configurations by index: the table in
+#: mma_sp_tiled.cu, mirrored so the planner is plain Python (tests/test_kernels_cuda.py checks it
+#: against the library). 0-2: 128 rows x 8/16/32 tokens, 8 warps splitting each step's k-tiles in
+#: two; 3: 128 x 8, 4 warps (the first version's warp layout); 4: 256 rows x 32 tokens, 8 warps.
+TILES = ((8, 8), (16, 8), (32, 8), (8, 8), (32, 16))
+#: Weights with at least this many 128-row blocks count as tall (N >= 8192 at 64): their row tiles
+#: alone give every SM a block, so the larger tiles run unsplit.
+TALL_ROW_BLOCKS = 64
 
-    Up to 16 tokens 8 tokens per block (16 tokens as two token blocks measured as fast as one
-    block of 16), up to 32 16 per block, beyond that 64; all with 4 stages (tiles 3-5, the same
-    with 6-8 stages, measured slower in run 15 and are kept only for the benchmark sweep).
+
+def tile_for(m: int, rt: int, s: int) -> int:
+    """The tiled configuration for ``m`` tokens on a weight of ``rt`` row tiles and ``s`` super-tiles.
+
+    Fitted to run 18's sweep (H100, five LLaMA shapes x 1-128 tokens x every tile and split in
+    1/2/4/8/16; benchmarks/KERNEL_NOTES.md): the 4-warp 8-token tile up to 4 tokens and for tall
+    weights up to 8; 8 tokens per block (two token blocks) at 9-16 tokens only for 4096x4096-like
+    weights (K <= 4096, not tall); 16 per block for the rest up to 16 tokens and for wide weights up
+    to 32; 32 per block beyond; 256-row blocks from 33 tokens where K > 4096 or (tall) from 65.
     """
-    return 0 if m <= 16 else 1 if m <= 32 else 2
+    tall = -(-rt // 8) >= TALL_ROW_BLOCKS
+    if m <= 4 or (m <= 8 and tall):
+        return 3
+    if m <= 8:
+        return 0
+    if m <= 16:
+        return 0 if (s <= 32 and not tall) else 1
+    if m <= 32:
+        return 2 if tall else 1
+    if tall:
+        return 2 if m <= 64 else 4
+    return 2 if s <= 32 else 4
 
 
-@lru_cache(maxsize=None)
-def _occupancy(bits: int, bf16: bool, gps: int, tile: int, device_index: int) -> tuple[int, int]:
-    bps, sms = ctypes.c_int(), ctypes.c_int()
-    with torch.cuda.device(device_index):
-        cuda_build.check(cuda_build.library().sq_mma_sp_tiled_occupancy(bits, int(bf16), gps, tile, ctypes.byref(bps),
-                                                                         ctypes.byref(sms)))
-    return bps.value, sms.value
+def splits_for(tile: int, tiles: int, s: int, max_splits: int = 16) -> int:
+    """Split-K factor for ``tiles`` output tiles of configuration ``tile`` over ``s`` K steps.
 
-
-def choose_splits(tiles: int, target: int, max_splits: int) -> int:
-    """Split-K factor for ``tiles`` output tiles when ``target`` blocks fill the GPU (all SMs at
-    full occupancy): as many splits as keep the blocks within one such wave. Run 1 measured the
-    best split near this for every shape and token count (e.g. 64 tiles, 528 slots: 8-10 splits;
-    172 tiles: 3), and more splits than that slower (a second partial wave plus the fix-up).
+    Run 18's sweep: the small 4-warp tile did best at ~512 blocks (about 4 per SM), the 8-warp
+    tiles at ~256, rounded down to a power of two, except that a larger tile that already has ~80+
+    tiles ran fastest unsplit (a second block on an SM added no speed, only the split-K fix-up).
     """
-    return max(1, min(max_splits, target // max(tiles, 1)))
+    if tile != 3 and tiles >= 80:
+        return 1
+    target = 512 if tile == 3 else 256
+    sp = 1
+    while sp * 2 * tiles <= target:
+        sp *= 2
+    return max(1, min(sp, max_splits, s))
+
+
+def plan_for(m: int, rt: int, s: int, max_splits: int = 16) -> tuple[int, int]:
+    """(tile, splits) for ``m`` tokens on a weight of ``rt`` row tiles and ``s`` super-tiles."""
+    tile = tile_for(m, rt, s)
+    bm, rtb = TILES[tile]
+    return tile, splits_for(tile, -(-rt // rtb) * -(-m // bm), s, max_splits)
 
 
 class MmaSpState:
@@ -133,20 +164,17 @@ class MmaSpState:
         return x2d, y
 
     def plan(self, m: int, tile: int | None = None) -> tuple[int, int]:
-        """(tile configuration, split-K factor) for ``m`` tokens."""
-        tile = tile_for(m) if tile is None else tile
+        """(tile configuration, split-K factor) for ``m`` tokens (``plan_for``; ``tile`` forces one)."""
         key = (m, tile)
         if key not in self._plans:
             lay = self.layout
-            bm, _ = tile_info(tile)
-            tiles = -(-lay.rt // TILE_ROW_TILES) * -(-m // bm)
-            idx = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            bps, sms = _occupancy(lay.bits, self.dtype == torch.bfloat16, lay.gps, tile, idx)
-            cap = min(MAX_SPLITS, lay.s) if tiles <= self.cnt.numel() else 1
-            # A configuration that fits one block per SM did best with two waves (run 15: 64 tiles
-            # at 128 tokens, 4 splits 75.8 us vs 2 splits 84 us), the others with one.
-            self._plans[key] = choose_splits(tiles, sms * max(bps, 2), cap)
-        return tile, self._plans[key]
+            if tile is None:
+                tile = tile_for(m, lay.rt, lay.s)
+            bm, _, rtb = tile_info(tile)
+            tiles = -(-lay.rt // rtb) * -(-m // bm)
+            cap = MAX_SPLITS if tiles <= self.cnt.numel() else 1
+            self._plans[key] = (tile, splits_for(tile, tiles, lay.s, cap))
+        return self._plans[key]
 
     def __call__(self, x2d: torch.Tensor, out: torch.Tensor | None = None, tile: int | None = None,
                  splits: int | None = None) -> torch.Tensor:
@@ -157,9 +185,9 @@ class MmaSpState:
             return y
         lay = self.layout
         tile, auto_splits = self.plan(m, tile)
-        bm, _ = tile_info(tile)
+        bm, _, rtb = tile_info(tile)
         splits = auto_splits if splits is None else splits
-        tiles = -(-lay.rt // TILE_ROW_TILES) * -(-m // bm)
+        tiles = -(-lay.rt // rtb) * -(-m // bm)
         if not 1 <= splits <= lay.s or (splits > 1 and tiles > self.cnt.numel()):
             raise ValueError(f"splits must be 1..{lay.s} (and 1 beyond {self.cnt.numel()} tiles), got {splits}")
         ws = torch.empty(splits * m * lay.n if splits > 1 else 0, dtype=torch.float32, device=x2d.device)

@@ -3,7 +3,7 @@
 //
 // Why (benchmarks/KERNEL_NOTES.md): the first kernel (mma_sp.cu) read every B fragment with 32-bit
 // global loads right before its mma, so its time doubled with every extra 8 tokens. Here a block owns
-// a tile of 8 row tiles (128 output rows) x BM tokens and walks a K range in steps of one super-tile
+// a tile of RTB = 8 or 16 row tiles (128 or 256 output rows) x BM tokens and walks a K range in steps of one super-tile
 // (128 columns, the layout of mma_sp_layout.py, unchanged). Each step is one shared-memory "stage":
 //   x   [BM tokens][128 columns] fp16/bf16, rows padded to 272 bytes so that the 8 row addresses of
 //       an ldmatrix phase fall in 8 different 16-byte bank groups (272 / 16 = 17 is odd);
@@ -12,10 +12,14 @@
 // All of it arrives through cp.async (16 bytes per thread, coalesced, L2-only for streamed data),
 // STAGES - 1 steps ahead of the step being computed, with one barrier per step.
 //
-// Warps: WN along rows x WM along tokens. A warp owns WRT row tiles and NT n-tiles (8 tokens each);
-// per k-tile it loads its NT B fragments with one ldmatrix.x4 each (the four 8x8 matrices are the
-// four B registers: row = token, 8 consecutive k), dequantizes each row tile's A operand once and
-// feeds it to NT mma.sp, so a weight fragment is reused NT times and an activation fragment WRT times.
+// Warps: WN along rows x WK along the 4 k-tiles of a step x WM along tokens. A warp owns WRT row
+// tiles, NT n-tiles (8 tokens each) and 4 / WK k-tiles; per k-tile it dequantizes each row tile's A
+// operand once, then loads each B fragment with one ldmatrix.x4 (the four 8x8 matrices are the four
+// B registers: row = token, 8 consecutive k) and feeds it to WRT mma.sp, so a weight fragment is
+// reused NT times and an activation fragment WRT times. With WK = 2 the two warps of a (row tiles,
+// tokens) patch add their accumulators once at the end, through shared memory: twice the warps per
+// block for the same registers each, which is what an issue-bound kernel at low occupancy needs
+// (KERNEL_NOTES.md, session 5).
 //
 // The A operand is the weight itself, w = (code - zero) * scale, rounded once to the activation type
 // (the code times the fp16 scale is computed exactly and rounded once: fp16 -> one HMUL2; bf16 ->
@@ -41,7 +45,6 @@ struct TiledParams {
   int M, N, K, RT, S, gps, splits;
 };
 
-constexpr int kRowTiles = 8;    // row tiles (16 rows each) per block, every configuration
 constexpr int kXStride = 272;   // bytes per staged activation row: 128 x 2 + 16 of padding
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -134,102 +137,187 @@ __device__ __forceinline__ void a_int8_bf16(uint32_t w0, uint32_t w1, uint32_t s
   }
 }
 
-template <int BITS>
+// RTB = row tiles (16 rows) per block: 8 or 16 (more rows per block = fewer re-reads of the
+// activation tile from L2 per weight byte, which binds the kernel from ~32 tokens on).
+template <int BITS, int RTB>
 struct StageShape {
   static constexpr int WQ = BITS == 4 ? 4 : 8;      // code words per lane per super-tile
   static constexpr int QW_BYTES = 32 * WQ * 4;      // one row tile's codes for one super-tile
   static constexpr int META_BYTES = 32 * 2 * 4;
   // Byte offsets inside a stage: x, then codes, metadata, scales of the 8 row tiles.
   __host__ __device__ static constexpr int x_bytes(int bm) { return bm * kXStride; }
-  __host__ __device__ static constexpr int meta_off(int bm) { return x_bytes(bm) + kRowTiles * QW_BYTES; }
-  __host__ __device__ static constexpr int sc_off(int bm) { return meta_off(bm) + kRowTiles * META_BYTES; }
+  __host__ __device__ static constexpr int meta_off(int bm) { return x_bytes(bm) + RTB * QW_BYTES; }
+  __host__ __device__ static constexpr int sc_off(int bm) { return meta_off(bm) + RTB * META_BYTES; }
   __host__ __device__ static constexpr int bytes(int bm, int gps) {
-    return (sc_off(bm) + kRowTiles * 32 * gps + 127) / 128 * 128;
+    return (sc_off(bm) + RTB * 32 * gps + 127) / 128 * 128;
   }
 };
 
-template <int BITS, bool BF16, int WN, int WM, int WRT, int NT, int STAGES>
-struct Tiled {
-  static constexpr int kThreads = WN * WM * 32;
-  static constexpr int BM = WM * NT * 8;  // tokens per block
-  using SS = StageShape<BITS>;
-  static_assert(WN * WRT == kRowTiles, "a block covers 8 row tiles");
+// Which thread copies what into a stage, fixed for the whole block: every piece of super-tile s + 1
+// lies a fixed number of bytes after the same piece of super-tile s (activations: 256 bytes along a
+// row; codes, metadata, scales: one super-tile further in the row tile's run), so the sources are
+// computed once and a step costs a pointer add and the cp.async per piece. The first version
+// re-derived every index per step in 64-bit math (with the other per-step work that made the kernel
+// instruction-issue bound, KERNEL_NOTES.md run 15).
+// Activations: chunk c = tid + j * threads is token row c / 16, columns 8 * (c % 16) of the step.
+// Weights: warp w copies row tiles w, w + warps, ...: lane l the 16-byte code chunks l (and l + 32
+// for int8), lanes 0-15 the metadata chunks, lanes 16.. the scale chunks.
+template <int BITS, int RTB, int BM, int THREADS>
+struct StageLoader {
+  using SS = StageShape<BITS, RTB>;
+  static constexpr int kWarps = THREADS / 32;
+  static constexpr int RPW = RTB / kWarps;                   // row tiles a warp copies
+  static constexpr int XC = BM * 16;                          // activation chunks per step
+  static constexpr int NX = (XC + THREADS - 1) / THREADS;     // ... per thread
+  static_assert(RTB % kWarps == 0 && THREADS % 16 == 0, "warps must divide the row tiles");
+  static_assert(SS::QW_BYTES / 16 == 32 * (SS::WQ / 4), "one or two code chunks per lane");
 
-  // Issue the copies of super-tile s for the tile (row tiles rt0.., tokens m0..) into stage `dst`.
-  static __device__ __forceinline__ void load_stage(const TiledParams& p, uint32_t dst, int s, int rt0, int nrt,
-                                                    int m0, int tid) {
-    for (int c = tid; c < BM * 16; c += kThreads) {
-      const int row = c >> 4, kc = c & 15;
-      const int tok = m0 + row, k = s * 128 + kc * 8;
-      const bool ok = tok < p.M && k < p.K;  // K % 8 == 0: a 16-byte chunk is all in or all out
-      const char* src = static_cast<const char*>(p.x) + (ok ? ((size_t)tok * p.K + k) * 2 : 0);
-      cp_async16(dst + row * kXStride + kc * 16, src, ok ? 16 : 0);
-    }
-    constexpr int QC = SS::QW_BYTES / 16, MC = SS::META_BYTES / 16;
-    for (int c = tid; c < nrt * QC; c += kThreads) {
-      const int r = c / QC, j = c % QC;
-      const uint32_t* src = p.qw + ((size_t)(rt0 + r) * p.S + s) * (32 * SS::WQ) + j * 4;
-      cp_async16(dst + SS::x_bytes(BM) + r * SS::QW_BYTES + j * 16, src, 16);
-    }
-    for (int c = tid; c < nrt * MC; c += kThreads) {
-      const int r = c / MC, j = c % MC;
-      const uint32_t* src = p.meta + ((size_t)(rt0 + r) * p.S + s) * 64 + j * 4;
-      cp_async16(dst + SS::meta_off(BM) + r * SS::META_BYTES + j * 16, src, 16);
-    }
-    const int SC = 2 * p.gps;  // 16-byte chunks of one row tile's scales (8 words per group slot)
-    for (int c = tid; c < nrt * SC; c += kThreads) {
-      const int r = c / SC, j = c % SC;
-      const uint32_t* src = p.sc + ((size_t)(rt0 + r) * p.S + s) * (8 * p.gps) + j * 4;
-      cp_async16(dst + SS::sc_off(BM) + r * 32 * p.gps + j * 16, src, 16);
+  const char* x;     // first activation chunk of the next step
+  uint32_t xstride;  // bytes between this thread's activation chunks (THREADS / 16 token rows)
+  uint32_t xdst;     // its offset in a stage (the others follow at THREADS / 16 rows)
+  uint32_t xvalid;   // bit j: chunk j exists and its token is < M
+  int xlim;          // activation chunks are copied while s < xlim (their columns < K), zero-filled after
+  const char* q[RPW];  // code chunk of row tile warp + h * kWarps at the next step
+  const char* o[RPW];  // metadata or scale chunk of that row tile
+  uint32_t qdst, odst, oadv;
+  int nown;          // row tiles of this warp inside the matrix (warp-uniform)
+  bool has_o;        // this lane copies a metadata or scale chunk
+
+  __device__ __forceinline__ StageLoader(const TiledParams& p, int rt0, int nrt, int m0, int s0, int tid) {
+    const int lane = tid & 31, warp = tid >> 5, kc = tid & 15;
+    xstride = (uint32_t)(THREADS / 16) * (uint32_t)p.K * 2u;
+    xdst = (tid >> 4) * kXStride + kc * 16;
+    xlim = (p.K - kc * 8 + 127) / 128;  // K % 8 == 0: a chunk is all in or all out
+    x = static_cast<const char*>(p.x) + ((size_t)(m0 + (tid >> 4)) * p.K + s0 * 128 + kc * 8) * 2;
+    xvalid = 0;
+#pragma unroll
+    for (int j = 0; j < NX; ++j)
+      if (tid + j * THREADS < XC && m0 + (tid >> 4) + j * (THREADS / 16) < p.M) xvalid |= 1u << j;
+    const int SC = 2 * p.gps;  // scale chunks per row tile
+    has_o = lane < 16 + SC;
+    const bool is_meta = lane < 16;
+    oadv = is_meta ? SS::META_BYTES : 32 * p.gps;
+    qdst = SS::x_bytes(BM) + warp * SS::QW_BYTES + lane * 16;
+    odst = is_meta ? SS::meta_off(BM) + warp * SS::META_BYTES + lane * 16
+                   : SS::sc_off(BM) + warp * 32 * p.gps + (lane - 16) * 16;
+    nown = 0;
+#pragma unroll
+    for (int h = 0; h < RPW; ++h) {
+      const int r = warp + h * kWarps;
+      if (r < nrt) nown = h + 1;
+      const size_t st = (size_t)(rt0 + r) * p.S + s0;  // (row tile, super-tile) index
+      q[h] = reinterpret_cast<const char*>(p.qw + st * (32 * SS::WQ)) + lane * 16;
+      o[h] = is_meta ? reinterpret_cast<const char*>(p.meta + st * 64) + lane * 16
+                     : reinterpret_cast<const char*>(p.sc + st * (8 * p.gps)) + (lane - 16) * 16;
     }
   }
 
-  // The warp's mma.sp for one staged super-tile.
-  static __device__ __forceinline__ void compute_stage(const char* stage, uint32_t stage_s, int gps, int wn, int wm,
-                                                       int nvalid, int lane, float acc[WRT][NT][4]) {
+  // Issue super-tile s into the stage at shared address `stage`, then step the sources on. Tokens
+  // past M and columns past K are zero-filled (from a valid address), so padding adds nothing.
+  __device__ __forceinline__ void load(uint32_t stage, int s, const void* base) {
+    const bool kin = s < xlim;
+#pragma unroll
+    for (int j = 0; j < NX; ++j) {
+      if (tid_has_x(j)) {
+        const bool ok = kin && ((xvalid >> j) & 1u);
+        cp_async16(stage + xdst + j * (THREADS / 16) * kXStride, ok ? x + (size_t)j * xstride : base, ok ? 16 : 0);
+      }
+    }
+    x += 256;
+#pragma unroll
+    for (int h = 0; h < RPW; ++h) {
+      if (h < nown) {
+        const uint32_t d = stage + h * kWarps * SS::QW_BYTES;
+        cp_async16(d + qdst, q[h], 16);
+        if constexpr (SS::WQ == 8) cp_async16(d + qdst + 512, q[h] + 512, 16);
+        if (has_o) cp_async16(stage + odst + h * kWarps * oadv, o[h], 16);  // oadv = its row-tile stride too
+        q[h] += SS::QW_BYTES;
+        o[h] += oadv;
+      }
+    }
+  }
+  // Chunk j of this thread exists unless the last round of chunks is partial (XC % THREADS != 0).
+  __device__ __forceinline__ bool tid_has_x(int j) const {
+    return XC % THREADS == 0 || j < NX - 1 || (threadIdx.x + j * THREADS < XC);
+  }
+};
+
+template <int BITS, bool BF16, int WN, int WK, int WM, int WRT, int NT, int STAGES, int MINB>
+struct Tiled {
+  static constexpr int RTB = WN * WRT;  // row tiles per block
+  static constexpr int kThreads = WN * WK * WM * 32;
+  static constexpr int kMinBlocks = MINB;
+  static constexpr int BM = WM * NT * 8;  // tokens per block
+  static constexpr int KT = 4 / WK;       // k-tiles of a super-tile per warp
+  using SS = StageShape<BITS, RTB>;
+  using Loader = StageLoader<BITS, RTB, BM, kThreads>;
+  static_assert(RTB == 8 || RTB == 16, "a block covers 8 or 16 row tiles");
+  // WK = 2: warp wk takes k-tiles 2wk, 2wk + 1, which share metadata word wk (selectors 0 and 1).
+  static_assert(WK == 1 || WK == 2, "k-tiles split over 1 or 2 warps");
+
+  // The warp's mma.sp for its k-tiles of one staged super-tile.
+  static __device__ __forceinline__ void compute_stage(const char* stage, uint32_t stage_s, int gps, int wn, int wk,
+                                                       int wm, int nvalid, int lane, float acc[WRT][NT][4]) {
+    constexpr int QPW = SS::WQ / WK;  // code words of this warp's k-tiles per lane (kt-major)
     const int g = lane >> 2;
-    uint32_t q[WRT][SS::WQ], e[WRT][2];
+    uint32_t q[WRT][QPW], e[WRT][2 / WK];
 #pragma unroll
     for (int i = 0; i < WRT; ++i) {
       const int r = wn * WRT + i;
-      const uint4* qp = reinterpret_cast<const uint4*>(stage + SS::x_bytes(BM) + r * SS::QW_BYTES) + lane * (SS::WQ / 4);
+      const uint32_t* qp = reinterpret_cast<const uint32_t*>(stage + SS::x_bytes(BM) + r * SS::QW_BYTES) +
+                           lane * SS::WQ + wk * QPW;
+      if constexpr (QPW % 4 == 0) {
 #pragma unroll
-      for (int h = 0; h < SS::WQ / 4; ++h) {
-        const uint4 v = qp[h];
-        q[i][4 * h] = v.x; q[i][4 * h + 1] = v.y; q[i][4 * h + 2] = v.z; q[i][4 * h + 3] = v.w;
+        for (int h = 0; h < QPW / 4; ++h) {
+          const uint4 v = reinterpret_cast<const uint4*>(qp)[h];
+          q[i][4 * h] = v.x; q[i][4 * h + 1] = v.y; q[i][4 * h + 2] = v.z; q[i][4 * h + 3] = v.w;
+        }
+      } else {
+        const uint2 v = *reinterpret_cast<const uint2*>(qp);
+        q[i][0] = v.x; q[i][1] = v.y;
       }
-      const uint2 m = reinterpret_cast<const uint2*>(stage + SS::meta_off(BM) + r * SS::META_BYTES)[lane];
-      e[i][0] = m.x; e[i][1] = m.y;
+      const uint32_t* mp = reinterpret_cast<const uint32_t*>(stage + SS::meta_off(BM) + r * SS::META_BYTES) + lane * 2;
+      if constexpr (WK == 1) {
+        const uint2 m = *reinterpret_cast<const uint2*>(mp);
+        e[i][0] = m.x; e[i][1] = m.y;
+      } else {
+        e[i][0] = mp[wk];
+      }
     }
     const uint32_t* scp = reinterpret_cast<const uint32_t*>(stage + SS::sc_off(BM));
     // ldmatrix: lane l gives the address of row (l & 7) of matrix (l >> 3) = tokens of the n-tile,
     // columns kt * 32 + 8 * (l >> 3) .. + 7; matrix j lands in B register j as mma.sp wants it
     // (register j of lane (g, tig) = x[token g][kt * 32 + 8 j + 2 tig, + 1]).
-    const uint32_t xaddr = stage_s + (wm * NT * 8 + (lane & 7)) * kXStride + (lane >> 3) * 16;
+    const uint32_t xaddr = stage_s + (wm * NT * 8 + (lane & 7)) * kXStride + (lane >> 3) * 16 + wk * KT * 64;
 #pragma unroll
-    for (int kt = 0; kt < 4; ++kt) {
-      uint32_t b[NT][4];
-#pragma unroll
-      for (int j = 0; j < NT; ++j) ldmatrix_x4(b[j], xaddr + j * 8 * kXStride + kt * 64);
-      const int slot = (kt * gps) >> 2;  // scale group of this k-tile inside the super-tile
+    for (int t = 0; t < KT; ++t) {
+      // The A fragments of all row tiles first, then one B fragment at a time feeding every row
+      // tile: fewer registers live than holding NT B fragments (matters at NT = 8).
+      const int slot = ((wk * KT + t) * gps) >> 2;  // scale group of this k-tile inside the super-tile
+      uint32_t a[WRT][4];
 #pragma unroll
       for (int i = 0; i < WRT; ++i) {
-        if (i < nvalid) {  // warp-uniform: row tiles past the matrix hold stale data, skip them
-          const int r = wn * WRT + i;
-          const uint32_t s2 = scp[(r * 8 + g) * gps + slot];
-          uint32_t a[4];
+        if (i < nvalid) {  // warp-uniform: row tiles past the matrix hold no data, skip them
+          const uint32_t s2 = scp[((wn * WRT + i) * 8 + g) * gps + slot];
           if constexpr (BITS == 4) {
-            if constexpr (BF16) a_int4_bf16(q[i][kt], s2, a);
-            else a_int4_f16(q[i][kt], s2, a);
+            if constexpr (BF16) a_int4_bf16(q[i][t], s2, a[i]);
+            else a_int4_f16(q[i][t], s2, a[i]);
           } else {
-            if constexpr (BF16) a_int8_bf16(q[i][2 * kt], q[i][2 * kt + 1], s2, a);
-            else a_int8_f16(q[i][2 * kt], q[i][2 * kt + 1], s2, a);
+            if constexpr (BF16) a_int8_bf16(q[i][2 * t], q[i][2 * t + 1], s2, a[i]);
+            else a_int8_f16(q[i][2 * t], q[i][2 * t + 1], s2, a[i]);
           }
+        }
+      }
 #pragma unroll
-          for (int j = 0; j < NT; ++j) {
+      for (int j = 0; j < NT; ++j) {
+        uint32_t b[4];
+        ldmatrix_x4(b, xaddr + j * 8 * kXStride + t * 64);
+#pragma unroll
+        for (int i = 0; i < WRT; ++i) {
+          if (i < nvalid) {
             // k-tiles 2j' and 2j'+1 share a metadata word: selector 0 reads T0/T1, 1 reads T2/T3.
-            if (kt & 1) mma_sp<BF16, 1>(acc[i][j], a, b[j], e[i][kt >> 1]);
-            else mma_sp<BF16, 0>(acc[i][j], a, b[j], e[i][kt >> 1]);
+            if (t & 1) mma_sp<BF16, 1>(acc[i][j], a[i], b, e[i][t >> 1]);
+            else mma_sp<BF16, 0>(acc[i][j], a[i], b, e[i][t >> 1]);
           }
         }
       }
@@ -243,8 +331,8 @@ struct Tiled {
 
   // Calls f(offset into y, accumulator) for each of this warp's accumulators that lies inside the
   // output: accumulator (i, j, r) is output row (rt0 + wn*WRT + i)*16 + g + 8*(r >> 1), token
-  // m0 + (wm*NT + j)*8 + 2*tig + (r & 1). The one place that maps fragments to outputs (plain
-  // store, split-K partial store and split-K fix-up all go through it).
+  // m0 + (wm*NT + j)*8 + 2*tig + (r & 1). The one place that maps fragments to outputs (the store
+  // of y or of a split-K partial, and the split-K fix-up, go through it).
   template <class F>
   static __device__ __forceinline__ void for_each_output(const TiledParams& p, int rt0, int m0, int wn, int wm,
                                                          int nvalid, int lane, const float (&acc)[WRT][NT][4], F&& f) {
@@ -264,20 +352,22 @@ struct Tiled {
   // The kernel body (a __global__ function cannot be a member: tiled_kernel below calls this).
   static __device__ __forceinline__ void run(const TiledParams& p, char* smem, int& s_last) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wn = warp % WN, wm = warp / WN;
+    const int wn = warp % WN, wk = (warp / WN) % WK, wm = warp / (WN * WK);
     // Block -> (row block, token block, split); consecutive blocks share a row block, so the token
     // blocks of one weight tile run together and read it from L2.
     const int m_blocks = (p.M + BM - 1) / BM;
     const int sp = blockIdx.x % p.splits;
     const int tile = blockIdx.x / p.splits;
     const int mb = tile % m_blocks, rb = tile / m_blocks;
-    const int rt0 = rb * kRowTiles, m0 = mb * BM;
-    const int nrt = min(kRowTiles, p.RT - rt0);
-    const int nvalid = nrt - wn * WRT;  // this warp's row tiles inside the matrix (may be <= 0)
+    const int rt0 = rb * RTB, m0 = mb * BM;
+    const int nrt = min(RTB, p.RT - rt0);
+    int nvalid = nrt - wn * WRT;  // this warp's row tiles inside the matrix (may be <= 0)
     const int s_begin = (int)(((long)p.S * sp) / p.splits), s_end = (int)(((long)p.S * (sp + 1)) / p.splits);
     const int n_st = s_end - s_begin;
     const int stage_bytes = SS::bytes(BM, p.gps);
     const uint32_t smem_s = smem_addr(smem);
+
+    Loader ld(p, rt0, nrt, m0, s_begin, tid);
 
     float acc[WRT][NT][4];
 #pragma unroll
@@ -291,28 +381,57 @@ struct Tiled {
     // step commits one (possibly empty) group, so wait_group<STAGES - 2> means "step i has landed".
 #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i) {
-      if (i < n_st) load_stage(p, smem_s + i * stage_bytes, s_begin + i, rt0, nrt, m0, tid);
+      if (i < n_st) ld.load(smem_s + i * stage_bytes, s_begin + i, p.x);
       cp_async_commit();
     }
+#pragma unroll 1
     for (int i = 0; i < n_st; ++i) {
       cp_async_wait<STAGES - 2>();
       __syncthreads();  // step i visible to all; every warp is done with step i - 1's buffer
       const int nx = i + STAGES - 1;
-      if (nx < n_st) load_stage(p, smem_s + (nx % STAGES) * stage_bytes, s_begin + nx, rt0, nrt, m0, tid);
+      if (nx < n_st) ld.load(smem_s + (nx % STAGES) * stage_bytes, s_begin + nx, p.x);
       cp_async_commit();
       const int buf = i % STAGES;
-      compute_stage(smem + buf * stage_bytes, smem_s + buf * stage_bytes, p.gps, wn, wm, nvalid, lane, acc);
+      compute_stage(smem + buf * stage_bytes, smem_s + buf * stage_bytes, p.gps, wn, wk, wm, nvalid, lane, acc);
     }
     cp_async_wait<0>();
 
-    // Plain store (one block per tile), or fp32 partial then the fix-up by the tile's last block.
-    if (p.splits == 1) {
-      for_each_output(p, rt0, m0, wn, wm, nvalid, lane, acc, [&](size_t o, float v) { store(p, o, v); });
-      return;
+    if constexpr (WK > 1) {
+      // The k-tile halves of a (row tiles, tokens) patch meet in shared memory; warp wk = 0 adds
+      // the other half (always in this order: deterministic) and alone goes on to the output.
+      constexpr int NW = WN * WM * 32;
+      float* red = reinterpret_cast<float*>(smem);
+      const int slot = (wm * WN + wn) * 32 + lane;
+      __syncthreads();  // every warp is done with the stages
+      if (wk == 1) {
+#pragma unroll
+        for (int i = 0; i < WRT; ++i)
+#pragma unroll
+          for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) red[((i * NT + j) * 4 + r) * NW + slot] = acc[i][j][r];
+      }
+      __syncthreads();
+      if (wk == 0) {
+#pragma unroll
+        for (int i = 0; i < WRT; ++i)
+#pragma unroll
+          for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] += red[((i * NT + j) * 4 + r) * NW + slot];
+      } else {
+        nvalid = 0;
+      }
     }
+
+    // y directly (one block per tile), or an fp32 partial and the fix-up by the tile's last block.
     const size_t MN = (size_t)p.M * p.N;
-    for_each_output(p, rt0, m0, wn, wm, nvalid, lane, acc,
-                    [&](size_t o, float v) { __stcg(p.ws + sp * MN + o, v); });
+    const bool split = p.splits > 1;
+    for_each_output(p, rt0, m0, wn, wm, nvalid, lane, acc, [&](size_t o, float v) {
+      if (split) __stcg(p.ws + sp * MN + o, v);
+      else store(p, o, v);
+    });
+    if (!split) return;
     __threadfence();  // partials visible device-wide before this block is counted
     __syncthreads();
     if (tid == 0) s_last = atomicAdd(p.cnt + tile, 1) == p.splits - 1;
@@ -327,11 +446,15 @@ struct Tiled {
     if (tid == 0) p.cnt[tile] = 0;  // ready for the next launch (graph replays included)
   }
 
-  static int smem_bytes(int gps) { return STAGES * SS::bytes(BM, gps); }
+  static int smem_bytes(int gps) {
+    const int stages = STAGES * SS::bytes(BM, gps);
+    const int red = WK > 1 ? WN * WM * 32 * WRT * NT * 4 * 4 : 0;
+    return stages > red ? stages : red;
+  }
 };
 
 template <class T>
-__global__ void __launch_bounds__(T::kThreads) tiled_kernel(TiledParams p) {
+__global__ void __launch_bounds__(T::kThreads, T::kMinBlocks) tiled_kernel(TiledParams p) {
   extern __shared__ __align__(128) char smem[];
   __shared__ int s_last;
   T::run(p, smem, s_last);
@@ -359,36 +482,29 @@ cudaError_t launch_tiled(const TiledParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     attr_set_dev = dev;
   }
-  const long tiles = (long)((p.RT + kRowTiles - 1) / kRowTiles) * ((p.M + T::BM - 1) / T::BM);
+  const long tiles = (long)((p.RT + T::RTB - 1) / T::RTB) * ((p.M + T::BM - 1) / T::BM);
   tiled_kernel<T><<<(unsigned)(tiles * p.splits), T::kThreads, T::smem_bytes(p.gps), stream>>>(p);
   return cudaGetLastError();
 }
 
-// The launch configurations ("tiles"), by index: <WN, WM, WRT, NT, STAGES>. Rows per block are
-// always 128; tokens per block BM = 8 * WM * NT. kernels/mma_sp.py reads them with sq_mma_sp_tile_info.
-// Tiles 3-5 (6-8 stages) were added after run 14 to test whether cp.async latency bound a K step;
-// run 15 measured them slower (the kernel is instruction-issue bound, KERNEL_NOTES.md), so
-// kernels/mma_sp.py dispatches 0-2 and the benchmark sweep keeps timing 3-5.
-struct TileInfo { int bm, threads, stages; };
-constexpr int kNumTiles = 6;
-constexpr TileInfo kTiles[kNumTiles] = {
-    {8, 128, 4},   // 0: 4 x 1 warps, 2 row tiles x 1 n-tile each
-    {16, 128, 4},  // 1: 4 x 1 warps, 2 x 2
-    {64, 256, 4},  // 2: 4 x 2 warps, 2 x 4
-    {8, 128, 8},   // 3: as 0, 8 stages
-    {16, 128, 8},  // 4: as 1, 8 stages
-    {64, 256, 6},  // 5: as 2, 6 stages
-};
+// The launch configurations ("tiles"), by index: <WN, WK, WM, WRT, NT, STAGES, MINB>. Row tiles per
+// block RTB = WN * WRT (8 or 16, i.e. 128 or 256 rows); tokens per block BM = 8 * WM * NT; warps =
+// WN (row tiles) x WK (k-tile halves) x WM (token groups); MINB = blocks per SM the register budget
+// is capped for (__launch_bounds__). kernels/mma_sp.py mirrors (BM, RTB) in TILES for its planner
+// and checks them against sq_mma_sp_tile_info / sq_mma_sp_tile_rows. Registers (ptxas, int4 fp16):
+// 64, 80 (4 bytes spilled), 126, 78, 128. Measured and dropped (KERNEL_NOTES.md, runs 17-18): a
+// 2 x 8 n-tile warp tile (~250 registers, 1 block per SM), 128 x 64 and 256 x 16 / 256 x 64 tiles
+// (never the fastest), 6-8 stages (first version, run 15).
+constexpr int kNumTiles = 5;
 
 template <int BITS, bool BF16, typename F>
 auto with_tile(int tile, F&& f) {
   switch (tile) {
-    case 0: return f(Tiled<BITS, BF16, 4, 1, 2, 1, 4>{});
-    case 1: return f(Tiled<BITS, BF16, 4, 1, 2, 2, 4>{});
-    case 2: return f(Tiled<BITS, BF16, 4, 2, 2, 4, 4>{});
-    case 3: return f(Tiled<BITS, BF16, 4, 1, 2, 1, 8>{});
-    case 4: return f(Tiled<BITS, BF16, 4, 1, 2, 2, 8>{});
-    default: return f(Tiled<BITS, BF16, 4, 2, 2, 4, 6>{});
+    case 0: return f(Tiled<BITS, BF16, 4, 2, 1, 2, 1, 4, 4>{});  // 128 rows x 8 tokens, 8 warps (k-tile halves)
+    case 1: return f(Tiled<BITS, BF16, 4, 2, 1, 2, 2, 4, 3>{});  // 128 x 16, 8 warps (k-tile halves)
+    case 2: return f(Tiled<BITS, BF16, 4, 2, 1, 2, 4, 4, 2>{});  // 128 x 32, 8 warps (k-tile halves)
+    case 3: return f(Tiled<BITS, BF16, 4, 1, 1, 2, 1, 4, 6>{});  // 128 x 8, 4 warps (first version's tile 0)
+    default: return f(Tiled<BITS, BF16, 8, 1, 1, 2, 4, 4, 2>{});  // 256 x 32, 8 warps
   }
 }
 
@@ -405,9 +521,18 @@ extern "C" {
 // Tokens per block and threads of tile configuration `tile`; returns 0, or -1 for an unknown tile.
 int sq_mma_sp_tile_info(int tile, int* bm, int* threads) {
   if (tile < 0 || tile >= kNumTiles) return -1;
-  *bm = kTiles[tile].bm;
-  *threads = kTiles[tile].threads;
+  with_tile<4, false>(tile, [&](auto t) {
+    *bm = decltype(t)::BM;
+    *threads = decltype(t)::kThreads;
+    return 0;
+  });
   return 0;
+}
+
+// Row tiles (16 rows) per block of tile configuration `tile`, or -1 for an unknown tile.
+int sq_mma_sp_tile_rows(int tile) {
+  if (tile < 0 || tile >= kNumTiles) return -1;
+  return with_tile<4, false>(tile, [](auto t) { return decltype(t)::RTB; });
 }
 
 // Blocks of this kernel that fit on one SM and the SM count (for choosing splits); a cudaError_t.
