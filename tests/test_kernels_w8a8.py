@@ -7,6 +7,7 @@ quantized product at token counts that are not multiples of 16, CUDA-graph repla
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import os
@@ -322,3 +323,110 @@ def test_gpu_w8a8_through_prepare(kind, fresh_cache):
             wq = torch.round(reference.dequantize_nm24(pk) / ws[:, None]).to(torch.int8)
         ref = reference.linear_w8a8(rq, rs, wq, ws)
         assert kernel_rel_error(kernels.linear(x, state), ref, SEED) < 1e-2, f"m={m} seed {SEED}"
+
+
+# -- CPU: the binding's bookkeeping against a recording stand-in for libcusparseLt -------------------
+
+class _FakeLib:
+    """Records every cuSPARSELt call; answers the workspace size and the search's configuration."""
+
+    version = (0, 8, 0)
+
+    def __init__(self):
+        self.calls = []
+
+        class _Raw:
+            def __getattr__(_, name):
+                return lambda *a: self.calls.append((name, a)) or 0
+        self.lib = _Raw()
+
+    def check(self, name, *args):
+        self.calls.append((name, args))
+        if name == "cusparseLtMatmulGetWorkspace":
+            args[2]._obj.value = 256
+        if name == "cusparseLtMatmulAlgGetAttribute":
+            args[3]._obj.value = {cusparselt.ALG_CONFIG_ID: 7}.get(args[2], 1)
+
+    def has(self, name):
+        return True
+
+    def names(self):
+        return [c[0] for c in self.calls]
+
+
+def _fake_matmul(monkeypatch, orientation="weight_a", alpha_vector=False, n=64, k=128):
+    capturing = {"on": False}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing["on"])
+    monkeypatch.setattr(cusparselt, "current_stream_ptr", lambda device: 1234)
+
+    class _Stream:
+        def synchronize(self):
+            pass
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
+    lib = _FakeLib()
+    sm = object.__new__(cusparselt.SparseMatmul)  # no GPU here: the compression step is skipped
+    sm.lib, sm.n, sm.k, sm.device = lib, n, k, torch.device("cpu")
+    sm.in_dtype, sm.out_dtype, sm.orientation, sm.alpha_vector = torch.int8, torch.float16, orientation, alpha_vector
+    sm.compute, sm.h = cusparselt.COMPUTE_32I, ctypes.c_void_p(99)
+    sm._plans, sm._lock, sm._wdesc = {}, threading.Lock(), cusparselt._Opaque()
+    sm.compressed = torch.zeros(8, dtype=torch.uint8)
+    return sm, lib, capturing
+
+
+def test_binding_builds_a_plan_once_and_a_call_is_one_matmul(monkeypatch):
+    sm, lib, _ = _fake_matmul(monkeypatch)
+    p = sm.plan(48)
+    built = lib.names()
+    assert built.count("cusparseLtMatmulPlanInit") == 1 and "cusparseLtMatmulDescSetAttribute" not in built
+    xq, out = torch.zeros(48, 128, dtype=torch.int8), torch.zeros(48, 64, dtype=torch.float16)
+    lib.calls.clear()
+    assert sm.plan(48) is p
+    p.run(xq, out)
+    p.run(xq, out)
+    assert lib.names() == ["cusparseLtMatmul", "cusparseLtMatmul"]
+    args = lib.calls[0][1]
+    # weight_a: A is the compressed weight, B the activations, C = D = out, one stream
+    assert args[3] == sm.compressed.data_ptr() and args[4] == xq.data_ptr() and args[6] == args[7] == out.data_ptr()
+    assert args[-1] == 1 and p.workspace.numel() == 256
+    with pytest.raises(ValueError):
+        p.run(torch.zeros(32, 128, dtype=torch.int8), out)  # another token count needs its own plan
+    with pytest.raises(ValueError):
+        p.run(xq, torch.zeros(48, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError):
+        sm.plan(40)  # not a multiple of 16
+
+
+def test_binding_search_keeps_its_plan_and_cached_configs_set_the_id_only(monkeypatch):
+    sm, lib, _ = _fake_matmul(monkeypatch, orientation="weight_b", alpha_vector=True)
+    p = sm.plan(32)
+    xq, out = torch.zeros(32, 128, dtype=torch.int8), torch.zeros(32, 64, dtype=torch.float16)
+    alpha = torch.ones(32)
+    lib.calls.clear()
+    cfg = p.search(xq, out, alpha)
+    assert cfg["id"] == 7 and "cusparseLtMatmulPlanInit" not in lib.names()  # not rebuilt in place
+    args = [c for c in lib.calls if c[0] == "cusparseLtMatmulSearch"][0][1]
+    assert args[3] == xq.data_ptr() and args[4] == sm.compressed.data_ptr()  # weight_b: weight is B
+    assert args[2].value == alpha.data_ptr()  # the alpha vector is a device pointer
+    with pytest.raises(ValueError):
+        p.run(xq, out, None)  # a vector plan without its vector
+    lib.calls.clear()
+    sm.plan(64, {"id": 7, "split_k": 3, "split_k_mode": 2})
+    sets = [c[1][2] for c in lib.calls if c[0] == "cusparseLtMatmulAlgSetAttribute"]
+    assert sets == [cusparselt.ALG_CONFIG_ID]
+
+
+def test_binding_never_evicts_a_plan_a_graph_captured(monkeypatch):
+    sm, lib, capturing = _fake_matmul(monkeypatch)
+    monkeypatch.setattr(cusparselt.SparseMatmul, "MAX_PLANS", 2)
+    first = sm.plan(16)
+    capturing["on"] = True
+    first.run(torch.zeros(16, 128, dtype=torch.int8), torch.zeros(16, 64, dtype=torch.float16))
+    capturing["on"] = False
+    assert first.captured
+    with pytest.raises(RuntimeError):
+        capturing["on"] = True
+        first.search(torch.zeros(16, 128, dtype=torch.int8), torch.zeros(16, 64, dtype=torch.float16))
+    capturing["on"] = False
+    sm.plan(32)
+    sm.plan(48)  # over the limit: the plan for 32 goes, the captured one stays
+    assert set(sm._plans) == {16, 48}
