@@ -153,24 +153,53 @@ def check_correctness(dev, results, quick):
                                                    dtype=str(dt), m=m, rel_err=e, ok=good))
             log(f"  {n}x{k} int{bits} g{g} {'sym' if sym else 'asym'} {str(dt)[6:]} m={m}: "
                 + " ".join(f"{a}={b:.2e}" for a, b in outs.items()))
-    # W8A8 through cuSPARSELt
+    return ok
+
+
+def check_w8a8(dev, results, quick):
+    """W8A8 through cuSPARSELt vs the float64 reference of the quantized product, every usable mode."""
+    from sparsequant.kernels import cslt, cusparselt
+
+    log("== correctness W8A8 (cuSPARSELt) vs float64 reference of the quantized product ==")
+    lib = cusparselt.library()
+    results["cusparselt"] = dict(path=getattr(lib, "path", None), version=getattr(lib, "version", None),
+                                 load_error=cusparselt.load_error())
+    log(f"  cuSPARSELt: {results['cusparselt']}")
+    ok = True
     for kind in ("int8", "fp8"):
-        n, k = 4096, 4096
-        pk = random_packed24(n, k, 8, None, True, device=dev, seed=7)
-        wq, ws = weight_from_dense(reference.dequantize_nm24(pk), kind)
-        op = CsltW8A8(wq, ws, kind, torch.bfloat16)
-        for m in (16, 127, 2048):
-            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            xq, xs = quantize_per_token(x, kind)
-            rq, rs = reference.quantize_per_token(x, kind)
-            q_same = (xq.float() == rq.float()).float().mean().item()
-            ref = reference.linear_w8a8(rq, rs, wq, ws)
-            e = rel_err(op(x), ref)
-            good = e < 1e-2 and q_same > 0.999
-            ok &= good
-            results["correctness"].append(dict(kernel=f"cslt-{kind}", n=n, k=k, m=m, rel_err=e,
-                                               quant_match=q_same, ok=good))
-            log(f"  cslt {kind} {n}x{k} m={m}: rel_err={e:.2e} act-quant match={q_same:.5f}")
+        for (n, k) in ([(4096, 4096)] if quick else [(4096, 4096), (11008, 4096), (4096, 14336)]):
+            pk = random_packed24(n, k, 8, None, True, device=dev, seed=7)
+            wq, ws = weight_from_dense(reference.dequantize_nm24(pk), kind)
+            all_modes = ["fused", "alpha_w", "raw"] if kind == "fp8" else ["alpha_w", "raw"]
+            # every mode (and torch's path) on the small shape in bf16; the default mode elsewhere
+            cases = [(torch.bfloat16, md) for md in all_modes + ["torch"]] + [(torch.float16, None)]
+            if n > 4096 or k > 4096:
+                cases = [(torch.bfloat16, None)]
+            for out_dtype, mode in cases:
+                try:
+                    op = CsltW8A8(wq, ws, kind, out_dtype, backend="torch" if mode == "torch" else "auto",
+                                  modes=None if mode in (None, "torch") else (mode,))
+                except Exception as exc:  # noqa: BLE001 - a mode cuSPARSELt refuses here
+                    log(f"  cslt {kind} {mode} {str(out_dtype)[6:]}: unavailable ({str(exc)[:160]})")
+                    continue
+                for m in (16, 127, 2048):
+                    x = torch.randn(m, k, device=dev, dtype=out_dtype) * 3
+                    rq, rs = reference.quantize_per_token(x, kind)
+                    xq, xs = op.quantize(x)
+                    q_same = (xq[:m].float() == rq.float()).float().mean().item()
+                    ref = (rq.double() @ wq.double().t()) * rs.double()[:, None] * ws.double()[None, :]
+                    torch.full((1 << 26,), float("nan"), device=dev)  # poison the allocator's free blocks
+                    e = rel_err(op(x), ref)
+                    good = e < 1e-2 and q_same > 0.999
+                    ok &= good
+                    results["correctness"].append(dict(kernel=f"cslt-{kind}-{op.backend}-{op.mode}", n=n, k=k,
+                                                       m=m, dtype=str(out_dtype), rel_err=e, quant_match=q_same,
+                                                       ok=good))
+                    log(f"  cslt {kind} {op.backend}/{op.mode} {str(out_dtype)[6:]} {n}x{k} m={m}: "
+                        f"rel_err={e:.2e} act-quant match={q_same:.5f}{'' if good else '  FAIL'}")
+                del op
+    results["cslt_probe_errors"] = {str(key): v for key, v in cslt.PROBE_ERRORS.items()}
+    log(f"  refused modes: {results['cslt_probe_errors']}")
     return ok
 
 
@@ -278,38 +307,91 @@ def sweep_prefill(x, lays, n, k):
     return out[:5]
 
 
-def bench_w8a8(dev, results, quick):
+def _dense_fp8_op(x, wt, ws):
+    qa, sa = quantize_per_token(x, "fp8")
+    return torch._scaled_mm(qa, wt, sa[:, None], ws[None, :], out_dtype=torch.bfloat16)
+
+
+def bench_w8a8(dev, results, quick, save=None):
+    """Whole W8A8 op vs dense fp8 / int8 / fp16 at 16-2048 tokens, in CUDA graphs, plus eager calls.
+
+    Token counts in the order given (BENCH_W8_TOKENS), each over all shapes, saving after each row,
+    so a run cut short still has the first token count on every shape.
+    """
     log("== timing W8A8 2:4 (cuSPARSELt) vs dense int8 / fp8 / fp16 ==")
+    token_counts = [16, 2048] if quick else [16, 128, 512, 2048]
+    if os.environ.get("BENCH_W8_TOKENS"):
+        token_counts = [int(t) for t in os.environ["BENCH_W8_TOKENS"].split(",")]
+    setups = {}
     for (n, k) in SHAPES[: 2 if quick else None]:
         w = reference.dequantize_nm24(random_packed24(n, k, 8, None, True, device=dev, seed=3))
         w16 = w.half()
-        for m in ([2048] if quick else [128, 2048]):
+        dense16 = [w16] + [w16.clone() for _ in range(copies_for(n * k * 2) - 1)]
+        ops, dense8 = {}, {}
+        for kind in ("int8", "fp8"):
+            wq, ws = weight_from_dense(w, kind)
+            op0 = CsltW8A8(wq, ws, kind, torch.bfloat16)
+            ops[kind] = [op0] + [CsltW8A8(wq, ws, kind, torch.bfloat16) for _ in range(copies_for(n * k // 2) - 1)]
+            wt = wq.t()  # column-major [K, N], the layout _int_mm / _scaled_mm want
+            dense8[kind] = [(wt, ws)] + [(wq.clone().t(), ws.clone()) for _ in range(copies_for(n * k) - 1)]
+        wq, ws = weight_from_dense(w, "fp8")
+        setups[(n, k)] = (dense16, ops, dense8, CsltW8A8(wq, ws, "fp8", torch.bfloat16, backend="torch"))
+        del w, w16
+    for m in token_counts:
+        for (n, k), (dense16, ops, dense8, torch_fp8) in setups.items():
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            x16 = x.half()
             r = dict(n=n, k=k, m=m)
-            r["cublas_fp16_us"] = time_graph([lambda: F.linear(x.half(), w16)], reps_per_graph=10)
+            r["cublas_fp16_us"] = time_graph([lambda w=w: F.linear(x16, w) for w in dense16], reps_per_graph=20)
             for kind in ("int8", "fp8"):
-                wq, ws = weight_from_dense(w, kind)
-                ops = [CsltW8A8(wq, ws, kind, torch.bfloat16) for _ in range(2)]
-                xq, xs = quantize_per_token(x, kind)
-                r[f"cslt_{kind}_mm_us"] = time_graph([lambda o=o: o.mm_only(xq) for o in ops], reps_per_graph=10)
-                r[f"cslt_{kind}_full_us"] = time_graph([lambda o=o: o(x) for o in ops], reps_per_graph=10)
-                r[f"cslt_{kind}_eager_us"] = time_eager([lambda o=o: o(x) for o in ops], iters=20)
-                r[f"actquant_{kind}_us"] = time_graph([lambda: quantize_per_token(x, kind)], reps_per_graph=10)
+                os_ = ops[kind]
+                r[f"cslt_{kind}_mode"] = f"{os_[0].backend}/{os_[0].mode}"
+                xq, xs = os_[0].quantize(x)
+                for o in os_:  # plans + (cached) algorithm search, outside the graphs
+                    o(x)
+                r[f"cslt_{kind}_product_us"] = time_graph([lambda o=o: o.product(xq, xs) for o in os_], reps_per_graph=20)
+                r[f"cslt_{kind}_mm_us"] = time_graph([lambda o=o: o.mm(xq, xs) for o in os_], reps_per_graph=20)
+                r[f"cslt_{kind}_op_us"] = time_graph([lambda o=o: o(x) for o in os_], reps_per_graph=20)
+                r[f"actquant_{kind}_us"] = time_graph([lambda: os_[0].quantize(x)], reps_per_graph=20)
+                r[f"cslt_{kind}_eager_us"] = time_eager([lambda o=o: o(x) for o in os_], iters=50)
+                if os_[0].backend == "lt":
+                    plan = os_[0].sm._plans[xq.shape[0]]
+                    yb = torch.empty(xq.shape[0], n, dtype=os_[0].mm_dtype, device=dev)
+                    alpha = xs if os_[0].mode == "fused" else os_[0]._alpha_w
+                    r[f"cslt_{kind}_lt_call_eager_us"] = time_eager([lambda: plan.run(xq, yb, alpha)], iters=200)
+                qa, sa = quantize_per_token(x, kind)  # unpadded, for the dense baselines
                 if kind == "int8":
-                    wt = wq.t()
-                    r["int_mm_us"] = time_graph([lambda: torch._int_mm(xq, wt)], reps_per_graph=10)
+                    try:  # _int_mm wants more than 16 rows
+                        r["int_mm_us"] = time_graph([lambda d=d: torch._int_mm(qa, d[0]) for d in dense8[kind]],
+                                                    reps_per_graph=20)
+                        r["int_mm_scaled_us"] = time_graph(
+                            [lambda d=d: (torch._int_mm(qa, d[0]).float() * sa[:, None] * d[1][None, :]).to(torch.bfloat16)
+                             for d in dense8[kind]], reps_per_graph=20)
+                    except Exception as exc:  # noqa: BLE001
+                        log(f"  _int_mm m={m} failed: {str(exc)[:100]}")
                 else:
-                    wt = wq.t()
-                    sa = xs[:, None].contiguous()
-                    sb = ws[None, :].float().contiguous()
                     try:
                         r["scaled_mm_fp8_us"] = time_graph(
-                            [lambda: torch._scaled_mm(xq, wt, sa, sb, out_dtype=torch.bfloat16)], reps_per_graph=10)
+                            [lambda d=d: torch._scaled_mm(qa, d[0], sa[:, None], d[1][None, :], out_dtype=torch.bfloat16)
+                             for d in dense8[kind]], reps_per_graph=20)
+                        # the dense op from bf16 x, quantized by the same kernel as ours
+                        r["quant_scaled_mm_fp8_us"] = time_graph(
+                            [lambda d=d: _dense_fp8_op(x, d[0], d[1]) for d in dense8[kind]], reps_per_graph=20)
                     except Exception as exc:  # noqa: BLE001
                         log(f"  _scaled_mm rowwise failed: {exc}")
+            if m == 2048 or (m == 16 and (n, k) == SHAPES[0]):
+                # the previous path (torch._cslt_sparse_mm, a plan per call) in the same run
+                torch_fp8(x)
+                if m == 2048:
+                    r["torch_cslt_fp8_op_us"] = time_graph([lambda t=torch_fp8: t(x)], reps_per_graph=10)
+                r["torch_cslt_fp8_eager_us"] = time_eager([lambda t=torch_fp8: t(x)], iters=20)
+            r = {a: b for a, b in r.items() if b is not None}
             results["w8a8"].append(r)
             log("  " + json.dumps({a: (round(b, 2) if isinstance(b, float) else b) for a, b in r.items()}))
-        torch.cuda.empty_cache()
+            if save is not None:
+                save()
+    del setups
+    torch.cuda.empty_cache()
 
 
 def geomean(v):
@@ -327,17 +409,40 @@ def summary(results):
         i4 = geomean([r["int4pack_us"] / o for r, o in zip(rows, ours) if "int4pack_us" in r])
         lines.append(f"W4A16 2:4 m={m:5d}: vs cuBLAS fp16 {fp16:5.2f}x   vs int4pack {i4:5.2f}x   "
                      + " ".join(f"{r['n']}x{r['k']}:{o:.1f}us/{r['cublas_fp16_us']:.1f}" for r, o in zip(rows, ours)))
-    for r in results["w8a8"]:
-        s = [f"W8A8 {r['n']}x{r['k']} m={r['m']}:"]
-        if "cslt_fp8_mm_us" in r and "scaled_mm_fp8_us" in r:
-            s.append(f"fp8 mm vs _scaled_mm {r['scaled_mm_fp8_us'] / r['cslt_fp8_mm_us']:.2f}x "
-                     f"(full {r['scaled_mm_fp8_us'] / r['cslt_fp8_full_us']:.2f}x) "
-                     f"vs fp16 {r['cublas_fp16_us'] / r['cslt_fp8_full_us']:.2f}x")
-        if "cslt_int8_mm_us" in r:
-            s.append(f"int8 mm vs _int_mm {r['int_mm_us'] / r['cslt_int8_mm_us']:.2f}x "
-                     f"(full {r['int_mm_us'] / r['cslt_int8_full_us']:.2f}x)")
-        s.append(f"eager fp8 {r.get('cslt_fp8_eager_us', 0):.0f}us vs graph {r.get('cslt_fp8_full_us', 0):.0f}us")
-        lines.append(" ".join(s))
+    w8 = results["w8a8"]
+    if w8:
+        lines.append("W8A8 2:4 (geomean over shapes; op = quantize + cuSPARSELt [+ scale pass] from bf16 x; "
+                     "mm = from quantized x, like _scaled_mm):")
+    for m in sorted({r["m"] for r in w8}):
+        rows = [r for r in w8 if r["m"] == m]
+
+        def g(num, den):
+            return geomean([r[num] / r[den] for r in rows if num in r and den in r])
+
+        lines.append(
+            f"  m={m:5d} fp8[{rows[0].get('cslt_fp8_mode')}]: op vs _scaled_mm {g('scaled_mm_fp8_us', 'cslt_fp8_op_us'):.2f}x"
+            f" | mm vs _scaled_mm {g('scaled_mm_fp8_us', 'cslt_fp8_mm_us'):.2f}x"
+            f" | op vs quant+_scaled_mm {g('quant_scaled_mm_fp8_us', 'cslt_fp8_op_us'):.2f}x"
+            f" | op vs fp16 {g('cublas_fp16_us', 'cslt_fp8_op_us'):.2f}x"
+            f" | product vs _scaled_mm {g('scaled_mm_fp8_us', 'cslt_fp8_product_us'):.2f}x")
+        lines.append(
+            f"  m={m:5d} int8[{rows[0].get('cslt_int8_mode')}]: op vs _int_mm {g('int_mm_us', 'cslt_int8_op_us'):.2f}x"
+            f" | mm vs _int_mm {g('int_mm_us', 'cslt_int8_mm_us'):.2f}x"
+            f" | op vs _int_mm+scale {g('int_mm_scaled_us', 'cslt_int8_op_us'):.2f}x"
+            f" | op vs fp16 {g('cublas_fp16_us', 'cslt_int8_op_us'):.2f}x")
+        eag = [r["cslt_fp8_eager_us"] for r in rows if "cslt_fp8_eager_us" in r]
+        call = [r["cslt_fp8_lt_call_eager_us"] for r in rows if "cslt_fp8_lt_call_eager_us" in r]
+        old = [r["torch_cslt_fp8_eager_us"] for r in rows if "torch_cslt_fp8_eager_us" in r]
+        lines.append(f"  m={m:5d} eager fp8 op {min(eag, default=0):.0f}-{max(eag, default=0):.0f} us"
+                     f" (cusparseLtMatmul call alone {min(call, default=0):.1f}-{max(call, default=0):.1f} us;"
+                     f" torch._cslt path {min(old, default=0):.0f}-{max(old, default=0):.0f} us)")
+    for r in w8:
+        if r["m"] == 2048:
+            lines.append(f"  2048 {r['n']}x{r['k']} us: fp8 op {r.get('cslt_fp8_op_us', 0):.1f} mm {r.get('cslt_fp8_mm_us', 0):.1f}"
+                         f" product {r.get('cslt_fp8_product_us', 0):.1f} quant {r.get('actquant_fp8_us', 0):.1f}"
+                         f" | _scaled_mm {r.get('scaled_mm_fp8_us', 0):.1f} | old torch path {r.get('torch_cslt_fp8_op_us', 0):.1f}"
+                         f" | int8 op {r.get('cslt_int8_op_us', 0):.1f} _int_mm {r.get('int_mm_us', 0):.1f}"
+                         f" | fp16 {r.get('cublas_fp16_us', 0):.1f}")
     return "\n".join(lines)
 
 
@@ -345,7 +450,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", default="", help="shapes to sweep tile configs on, e.g. 4096x4096,14336x4096")
-    ap.add_argument("--skip", default="", help="comma list of: correct,w4,w8")
+    ap.add_argument("--skip", default="", help="comma list of: correct,w4,w8 (w4/w8 also skip their checks)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -365,7 +470,10 @@ def main():
     log(f"device {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
     ok = True
     if "correct" not in skip:
-        ok = check_correctness(dev, results, args.quick)
+        if "w4" not in skip:
+            ok = check_correctness(dev, results, args.quick)
+        if "w8" not in skip:
+            ok = check_w8a8(dev, results, args.quick) and ok
         log(f"correctness: {'ALL OK' if ok else 'FAILURES'}")
     results["all_correct"] = ok
     path = os.path.join(args.out, "bench_kernels.json")
@@ -374,7 +482,11 @@ def main():
             sweep = {tuple(int(v) for v in t.split("x")) for t in args.sweep.split(",") if t}
             bench_decode_prefill(dev, results, args.quick, sweep)
         if "w8" not in skip:
-            bench_w8a8(dev, results, args.quick)
+            def save():
+                with open(path, "w") as f:
+                    json.dump(results, f, indent=1)
+
+            bench_w8a8(dev, results, args.quick, save)
     finally:
         with open(path, "w") as f:
             json.dump(results, f, indent=1)

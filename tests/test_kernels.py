@@ -3,7 +3,8 @@
 Without a GPU the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set here
 before the kernel modules are imported, or re-imported if something imported them earlier);
 ``test_cpu_runs_the_interpreter`` proves that the kernels really are interpreted, not skipped.
-The inline-PTX decode path and cuSPARSELt only run on a GPU (tests marked ``gpu``).
+The inline-PTX decode path only runs on a GPU (tests marked ``gpu``); W8A8 (cuSPARSELt) is in
+test_kernels_w8a8.py.
 """
 from __future__ import annotations
 
@@ -200,21 +201,6 @@ def test_mma_state_expands_beyond_the_kernel_tokens(dtype):
     assert _rel(y[0], ref) < kernel_tol(dtype), f"seed {SEED}"
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
-def test_activation_quant_matches_reference(kind):
-    x = _x(5, 300, torch.bfloat16, 7) * 3
-    q, s = cslt.quantize_per_token(x, kind, pad_to=8)
-    assert q.shape == (8, 300) and s.shape == (8,)
-    assert torch.all(q[5:].float() == 0) and torch.all(s[5:] == 1)
-    rq, rs = reference.quantize_per_token(x, kind)
-    assert torch.allclose(s[:5], rs, rtol=1e-6, atol=0), (s[:5], rs)
-    if kind == "int8" or HAS_CUDA:
-        same = (q[:5].float() == rq.float()).float().mean().item()
-        assert same > 0.999, f"{kind} codes match {same:.5f}, seed {SEED}"
-    # else: Triton 3.6's CPU interpreter converts fp32 -> fp8 wrongly (124.7 -> 64), so only the
-    # scales and the padding are checked there; the GPU test checks the fp8 codes exactly.
-
-
 def test_bad_inputs_raise():
     pk = random_packed24(24, 96, 4, 32, True, device=DEV)
     lay = build_layout(pk, DEV)
@@ -322,24 +308,6 @@ def test_gpu_decode_in_cuda_graph():
         g.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, ref)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
-def test_gpu_w8a8_cusparselt(kind, tmp_path, monkeypatch):
-    monkeypatch.setenv("SPARSEQUANT_CACHE", str(tmp_path))
-    pk = random_packed24(512, 1024, 8, None, True, device=DEV, seed=SEED % 971)
-    state = kernels.prepare(pk, DEV, torch.bfloat16, act_quant=kind)
-    for m in (1, 17, 256):
-        x = _x(m, 1024, torch.bfloat16, m)
-        rq, rs = reference.quantize_per_token(x, kind)
-        wq, ws = cslt.weight_from_dense(reference.dequantize_nm24(pk), kind)
-        if kind == "int8":
-            ws = pk.tensors["scales"][:, 0].float()
-            wq = torch.round(reference.dequantize_nm24(pk) / ws[:, None]).to(torch.int8)
-        ref = reference.linear_w8a8(rq, rs, wq, ws)
-        assert _rel(kernels.linear(x, state), ref) < 1e-2, f"m={m} seed {SEED}"
 
 
 # -- the inline PTX, checked on the CPU by emulating its instructions ----------------------------
