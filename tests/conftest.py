@@ -8,6 +8,12 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Without a GPU the Triton kernels run in Triton's CPU interpreter. The switch has to be on before
+# anything imports triton: transformers.modeling_utils does, and triton.language's own helpers
+# (tl.max, ...) imported in compiled mode cannot be called by interpreted kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
 
