@@ -135,14 +135,25 @@ def main():
             dump()
         if not args.no_sweep and (n, k) in SHAPES:
             x = torch.randn(1, k, device=dev, dtype=torch.float16)
+            ref1 = x.double() @ reference.dequantize_nm24(pk).double().t()
             s_all = -(-k // 128)
-            for brt in (4, 8, 16):
-                for split in sorted({max(1, s_all // 8), max(1, s_all // 4), max(1, s_all // 2), s_all}):
-                    c = dict(BLOCK_RT=brt, SPLIT=split)
-                    t = time_graph([lambda l=l, w=w: decode_mma_linear(x, l, w, config=c) for l, w in zip(lays, wsm)])
-                    res["sweep"].append({"shape": [n, k], "BLOCK_RT": brt, "SPLIT": split, "us": t})
+            for brt in (8, 16):
+                for pipe in (False, True):
+                    for wl1 in (False, True):
+                        for split in sorted({max(1, s_all // 8), max(1, s_all // 4), max(1, s_all // 2)}):
+                            c = dict(BLOCK_RT=brt, SPLIT=split, PIPE=pipe, WEIGHTS_L1=wl1)
+                            if split == s_all // 4:  # every code variant checked once per shape
+                                check(f"{n}x{k} m=1 {c}", decode_mma_linear(x, lays[0], wsm[0], config=c), ref1, 2e-3)
+                            t = time_graph([lambda l=l, w=w: decode_mma_linear(x, l, w, config=c)
+                                            for l, w in zip(lays, wsm)])
+                            res["sweep"].append({"shape": [n, k], **c, "us": t})
             best = min((r for r in res["sweep"] if r["shape"] == [n, k]), key=lambda r: r["us"])
-            log(f"  sweep best at 1 token: BLOCK_RT {best['BLOCK_RT']} SPLIT {best['SPLIT']} {best['us']:.1f} us")
+            log(f"  sweep best at 1 token: {best}")
+            for pipe in (False, True):
+                for wl1 in (False, True):
+                    b = min((r for r in res["sweep"] if r["shape"] == [n, k] and r["PIPE"] == pipe
+                             and r["WEIGHTS_L1"] == wl1), key=lambda r: r["us"])
+                    log(f"    PIPE {pipe} WEIGHTS_L1 {wl1}: best {b['us']:.1f} us (BLOCK_RT {b['BLOCK_RT']}, SPLIT {b['SPLIT']})")
             dump()
         if (n, k) == SHAPES[0]:
             pkb = random_packed24(n, k, 4, 128, device=dev, seed=7)
@@ -181,9 +192,17 @@ def main():
     for r in res["bf16"]:
         log(f"bf16 {r['shape'][0]}x{r['shape'][1]} m={r['tokens']}: new {r['new']:.1f} us, tiled {r['tiled']:.1f}, "
             f"cuBLAS bf16 {r['bf16']:.1f} ({r['bf16'] / r['new']:.2f}x)")
+    for (n, k) in SHAPES:
+        rows = [r for r in res["sweep"] if r["shape"] == [n, k]]
+        if rows:
+            b = min(rows, key=lambda r: r["us"])
+            log(f"sweep {n}x{k} m=1: best {b['us']:.1f} us at BLOCK_RT {b['BLOCK_RT']} SPLIT {b['SPLIT']} "
+                f"PIPE {b['PIPE']} WEIGHTS_L1 {b['WEIGHTS_L1']}")
     eager = [r for r in res["timing"] if "eager_new" in r]
     if eager:
         log(f"eager call 4096x4096 m=1: new {eager[0]['eager_new']:.1f} us, tiled {eager[0]['eager_tiled']:.1f} us")
+    dump()
+    res["correct"] = not failed
     dump()
     log(f"correctness: {'PASS' if res['correct'] else 'FAIL: ' + '; '.join(failed)}")
 

@@ -44,6 +44,7 @@ if _interp_compat.interpreting():
     _interp_compat.install()
 
 # constexpr copies: jitted code reads only constexpr globals
+RED_CHUNK = tl.constexpr(8)  # partial sums read at once by the split-K fix-up
 ROWS = tl.constexpr(_ROWS)
 ST_COLS = tl.constexpr(_ST_COLS)
 
@@ -175,14 +176,22 @@ A4H1, A4H2, A4H3, A4H4 = (tl.constexpr(_ASM[(4, False, t)][0]) for t in range(1,
 A8H1, A8H2, A8H3, A8H4 = (tl.constexpr(_ASM[(8, False, t)][0]) for t in range(1, 5))
 A4B1, A4B2, A4B3, A4B4 = (tl.constexpr(_ASM[(4, True, t)][0]) for t in range(1, 5))
 A8B1, A8B2, A8B3, A8B4 = (tl.constexpr(_ASM[(8, True, t)][0]) for t in range(1, 5))
-LD4 = tl.constexpr("ld.global.nc.L1::no_allocate.v4.u32 {$0, $1, $2, $3}, [$4];")
+# 16 bytes of weights if the flag is set (a prefetch past the program's last super-tile is not
+# issued). WEIGHTS_L1=False: no L1 allocation, so the activations keep L1; True: default
+# caching, so the other half of each 32-byte sector (the thread's next 16-byte load) hits L1.
+LD4_NA = tl.constexpr("{ .reg .pred p; setp.ne.s32 p, $5, 0; "
+                      "@p ld.global.nc.L1::no_allocate.v4.u32 {$0, $1, $2, $3}, [$4]; }")
+LD4_L1 = tl.constexpr("{ .reg .pred p; setp.ne.s32 p, $5, 0; @p ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4]; }")
 
 
 @triton.jit
-def _ld4(addr):
-    """16 bytes of weights (read once: no L1 allocation, the activations keep L1)."""
-    return tl.inline_asm_elementwise(LD4, "=r,=r,=r,=r,l", [addr], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
-                                     is_pure=True, pack=1)
+def _ld4(addr, flag, WEIGHTS_L1: tl.constexpr):
+    if WEIGHTS_L1:
+        return tl.inline_asm_elementwise(LD4_L1, "=r,=r,=r,=r,l,r", [addr, flag],
+                                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(LD4_NA, "=r,=r,=r,=r,l,r", [addr, flag],
+                                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
 
 
 @triton.jit
@@ -311,50 +320,70 @@ def _ktile_portable(c0, c1, c2, c3, c4, c5, c6, c7, m0, m1, sw, x_ptr, col_kt, s
 
 
 @triton.jit
-def _load_quad(qw_ptr, meta_ptr, tile, g, BITS: tl.constexpr, USE_ASM: tl.constexpr):
-    """A quad's code words (16 for int4, 32 for int8: lane tig's words at 4 tig / 8 tig) and its
-    8 metadata words (lane-in-quad l, word j at 2 l + j)."""
+def _load_step(qw_ptr, meta_ptr, sc_ptr, tile, g, live, BITS: tl.constexpr, GPS: tl.constexpr,
+               USE_ASM: tl.constexpr, WEIGHTS_L1: tl.constexpr):
+    """Everything a quad needs of one super-tile (nothing is read where ``live`` is false): code
+    words (16 for int4, 32 for int8: lane tig's words at 4 tig / 8 tig, as four-word tuples),
+    the 8 metadata words (lane-in-quad l, word j at 2 l + j) and the scale word of each k-tile."""
     WQ: tl.constexpr = BITS  # code words per lane per super-tile
     lane0 = tile * 32 + 4 * g
     if USE_ASM:
+        flag = live.to(tl.int32)
         cb = (qw_ptr + lane0 * WQ).to(tl.int64, bitcast=True)
         mb = (meta_ptr + lane0 * 2).to(tl.int64, bitcast=True)
-        q0 = _ld4(cb)
-        q1 = _ld4(cb + 16)
-        q2 = _ld4(cb + 32)
-        q3 = _ld4(cb + 48)
+        q0 = _ld4(cb, flag, WEIGHTS_L1)
+        q1 = _ld4(cb + 16, flag, WEIGHTS_L1)
+        q2 = _ld4(cb + 32, flag, WEIGHTS_L1)
+        q3 = _ld4(cb + 48, flag, WEIGHTS_L1)
         if BITS == 8:
-            q4 = _ld4(cb + 64)
-            q5 = _ld4(cb + 80)
-            q6 = _ld4(cb + 96)
-            q7 = _ld4(cb + 112)
+            q4 = _ld4(cb + 64, flag, WEIGHTS_L1)
+            q5 = _ld4(cb + 80, flag, WEIGHTS_L1)
+            q6 = _ld4(cb + 96, flag, WEIGHTS_L1)
+            q7 = _ld4(cb + 112, flag, WEIGHTS_L1)
         else:
             q4 = q0
             q5 = q0
             q6 = q0
             q7 = q0
-        mA = _ld4(mb)
-        mB = _ld4(mb + 16)
+        mA = _ld4(mb, flag, WEIGHTS_L1)
+        mB = _ld4(mb + 16, flag, WEIGHTS_L1)
     else:
         cp = qw_ptr + lane0 * WQ
-        q0 = (tl.load(cp), tl.load(cp + 1), tl.load(cp + 2), tl.load(cp + 3))
-        q1 = (tl.load(cp + 4), tl.load(cp + 5), tl.load(cp + 6), tl.load(cp + 7))
-        q2 = (tl.load(cp + 8), tl.load(cp + 9), tl.load(cp + 10), tl.load(cp + 11))
-        q3 = (tl.load(cp + 12), tl.load(cp + 13), tl.load(cp + 14), tl.load(cp + 15))
+        q0 = (tl.load(cp, mask=live), tl.load(cp + 1, mask=live), tl.load(cp + 2, mask=live), tl.load(cp + 3, mask=live))
+        q1 = (tl.load(cp + 4, mask=live), tl.load(cp + 5, mask=live), tl.load(cp + 6, mask=live), tl.load(cp + 7, mask=live))
+        q2 = (tl.load(cp + 8, mask=live), tl.load(cp + 9, mask=live), tl.load(cp + 10, mask=live),
+              tl.load(cp + 11, mask=live))
+        q3 = (tl.load(cp + 12, mask=live), tl.load(cp + 13, mask=live), tl.load(cp + 14, mask=live),
+              tl.load(cp + 15, mask=live))
         if BITS == 8:
-            q4 = (tl.load(cp + 16), tl.load(cp + 17), tl.load(cp + 18), tl.load(cp + 19))
-            q5 = (tl.load(cp + 20), tl.load(cp + 21), tl.load(cp + 22), tl.load(cp + 23))
-            q6 = (tl.load(cp + 24), tl.load(cp + 25), tl.load(cp + 26), tl.load(cp + 27))
-            q7 = (tl.load(cp + 28), tl.load(cp + 29), tl.load(cp + 30), tl.load(cp + 31))
+            q4 = (tl.load(cp + 16, mask=live), tl.load(cp + 17, mask=live), tl.load(cp + 18, mask=live),
+                  tl.load(cp + 19, mask=live))
+            q5 = (tl.load(cp + 20, mask=live), tl.load(cp + 21, mask=live), tl.load(cp + 22, mask=live),
+                  tl.load(cp + 23, mask=live))
+            q6 = (tl.load(cp + 24, mask=live), tl.load(cp + 25, mask=live), tl.load(cp + 26, mask=live),
+                  tl.load(cp + 27, mask=live))
+            q7 = (tl.load(cp + 28, mask=live), tl.load(cp + 29, mask=live), tl.load(cp + 30, mask=live),
+                  tl.load(cp + 31, mask=live))
         else:
             q4 = q0
             q5 = q0
             q6 = q0
             q7 = q0
         mp = meta_ptr + lane0 * 2
-        mA = (tl.load(mp), tl.load(mp + 1), tl.load(mp + 2), tl.load(mp + 3))
-        mB = (tl.load(mp + 4), tl.load(mp + 5), tl.load(mp + 6), tl.load(mp + 7))
-    return q0, q1, q2, q3, q4, q5, q6, q7, mA, mB
+        mA = (tl.load(mp, mask=live), tl.load(mp + 1, mask=live), tl.load(mp + 2, mask=live), tl.load(mp + 3, mask=live))
+        mB = (tl.load(mp + 4, mask=live), tl.load(mp + 5, mask=live), tl.load(mp + 6, mask=live),
+              tl.load(mp + 7, mask=live))
+    sp = sc_ptr + (tile * 8 + g) * GPS
+    sw0 = tl.load(sp, mask=live, other=0)
+    if GPS == 1:
+        sw = (sw0, sw0, sw0, sw0)
+    elif GPS == 2:
+        sw2 = tl.load(sp + 1, mask=live, other=0)
+        sw = (sw0, sw0, sw2, sw2)
+    else:
+        sw = (sw0, tl.load(sp + 1, mask=live, other=0), tl.load(sp + 2, mask=live, other=0),
+              tl.load(sp + 3, mask=live, other=0))
+    return (q0, q1, q2, q3, q4, q5, q6, q7), (mA, mB), sw
 
 
 @triton.jit
@@ -420,7 +449,8 @@ def _store_rows(y_ptr, part_ptr, t, acc, row, ok, pid_s, M, N, stride_ym, SPLIT_
 def _decode_mma_kernel(qw_ptr, meta_ptr, sc_ptr, x_ptr, y_ptr, part_ptr, cnt_ptr,
                        N, RT, S, st_per_split, n_split, stride_xm, stride_ym,
                        BITS: tl.constexpr, GPS: tl.constexpr, TOKENS: tl.constexpr, SPLIT_K: tl.constexpr,
-                       BLOCK_RT: tl.constexpr, USE_ASM: tl.constexpr, ACT_DTYPE: tl.constexpr):
+                       BLOCK_RT: tl.constexpr, USE_ASM: tl.constexpr, ACT_DTYPE: tl.constexpr,
+                       PIPE: tl.constexpr, WEIGHTS_L1: tl.constexpr):
     # Program (pid_r, pid_s): row tiles [pid_r * BLOCK_RT, +BLOCK_RT), super-tiles [pid_s * st_per_split, +st_per_split).
     BQ: tl.constexpr = BLOCK_RT * 8
     pid_r = tl.program_id(0)
@@ -439,33 +469,31 @@ def _decode_mma_kernel(qw_ptr, meta_ptr, sc_ptr, x_ptr, y_ptr, part_ptr, cnt_ptr
     a5 = tl.zeros([BQ], tl.float32)
     a6 = tl.zeros([BQ], tl.float32)
     a7 = tl.zeros([BQ], tl.float32)
+    on = rt >= 0  # all true
+    nxt = _load_step(qw_ptr, meta_ptr, sc_ptr, rt * S + s_begin, g, on & (s_begin < s_end), BITS, GPS, USE_ASM,
+                     WEIGHTS_L1)
     for s in range(s_begin, s_end):
-        tile = rt * S + s
-        q0, q1, q2, q3, q4, q5, q6, q7, mA, mB = _load_quad(qw_ptr, meta_ptr, tile, g, BITS, USE_ASM)
-        sp = sc_ptr + (tile * 8 + g) * GPS
-        sw0 = tl.load(sp)
-        if GPS == 1:
-            sw1 = sw0
-            sw2 = sw0
-            sw3 = sw0
-        elif GPS == 2:
-            sw1 = sw0
-            sw2 = tl.load(sp + 1)
-            sw3 = sw2
+        if PIPE:
+            # Software pipelining: the next super-tile's loads go out before this one is computed,
+            # so each thread keeps two steps of weights in flight.
+            cur = nxt
+            nxt = _load_step(qw_ptr, meta_ptr, sc_ptr, rt * S + s + 1, g, on & (s + 1 < s_end), BITS, GPS, USE_ASM,
+                             WEIGHTS_L1)
         else:
-            sw1 = tl.load(sp + 1)
-            sw2 = tl.load(sp + 2)
-            sw3 = tl.load(sp + 3)
+            cur = _load_step(qw_ptr, meta_ptr, sc_ptr, rt * S + s, g, on, BITS, GPS, USE_ASM, WEIGHTS_L1)
+        qs, ms, sw = cur
+        q0, q1, q2, q3, q4, q5, q6, q7 = qs
+        mA, mB = ms
         col = s * ST_COLS
-        a0, a1, a2, a3, a4, a5, a6, a7 = _ktile(0, q0, q1, q2, q3, q4, q5, q6, q7, mA, mB, sw0, x_ptr, col, stride_xm,
+        a0, a1, a2, a3, a4, a5, a6, a7 = _ktile(0, q0, q1, q2, q3, q4, q5, q6, q7, mA, mB, sw[0], x_ptr, col, stride_xm,
                                                 a0, a1, a2, a3, a4, a5, a6, a7, BITS, TOKENS, USE_ASM, ACT_DTYPE)
-        a0, a1, a2, a3, a4, a5, a6, a7 = _ktile(1, q0, q1, q2, q3, q4, q5, q6, q7, mA, mB, sw1, x_ptr, col + 32,
+        a0, a1, a2, a3, a4, a5, a6, a7 = _ktile(1, q0, q1, q2, q3, q4, q5, q6, q7, mA, mB, sw[1], x_ptr, col + 32,
                                                 stride_xm, a0, a1, a2, a3, a4, a5, a6, a7, BITS, TOKENS, USE_ASM,
                                                 ACT_DTYPE)
-        a0, a1, a2, a3, a4, a5, a6, a7 = _ktile(2, q0, q1, q2, q3, q4, q5, q6, q7, mA, mB, sw2, x_ptr, col + 64,
+        a0, a1, a2, a3, a4, a5, a6, a7 = _ktile(2, q0, q1, q2, q3, q4, q5, q6, q7, mA, mB, sw[2], x_ptr, col + 64,
                                                 stride_xm, a0, a1, a2, a3, a4, a5, a6, a7, BITS, TOKENS, USE_ASM,
                                                 ACT_DTYPE)
-        a0, a1, a2, a3, a4, a5, a6, a7 = _ktile(3, q0, q1, q2, q3, q4, q5, q6, q7, mA, mB, sw3, x_ptr, col + 96,
+        a0, a1, a2, a3, a4, a5, a6, a7 = _ktile(3, q0, q1, q2, q3, q4, q5, q6, q7, mA, mB, sw[3], x_ptr, col + 96,
                                                 stride_xm, a0, a1, a2, a3, a4, a5, a6, a7, BITS, TOKENS, USE_ASM,
                                                 ACT_DTYPE)
 
@@ -493,10 +521,15 @@ def _decode_mma_kernel(qw_ptr, meta_ptr, sc_ptr, x_ptr, y_ptr, part_ptr, cnt_ptr
         if done == n_split - 1:
             rows = pid_r * (BLOCK_RT * ROWS) + tl.arange(0, BLOCK_RT * ROWS)
             r_ok = rows < N
+            pp = tl.arange(0, RED_CHUNK)
             for t in tl.static_range(TOKENS):
                 tot = tl.zeros([BLOCK_RT * ROWS], dtype=tl.float32)
-                for p in range(0, n_split):
-                    tot += tl.load(part_ptr + (p * M + t) * N + rows, mask=r_ok, other=0.0, cache_modifier=".cg")
+                # RED_CHUNK partials at a time, all loads in flight together; fixed order of sums
+                for p0 in range(0, n_split, RED_CHUNK):
+                    p = p0 + pp
+                    ptrs = part_ptr + ((p * M + t) * N)[:, None] + rows[None, :]
+                    v = tl.load(ptrs, mask=(p < n_split)[:, None] & r_ok[None, :], other=0.0, cache_modifier=".cg")
+                    tot += tl.sum(v, axis=0)
                 tl.store(y_ptr + t * stride_ym + rows, tot.to(y_ptr.dtype.element_ty), mask=r_ok)
             tl.atomic_xchg(cnt_ptr + pid_r, 0)
 
@@ -505,24 +538,23 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def pick_config(m: int, n: int, k: int, sms: int = 132) -> dict:
-    """Row tiles per program and split-K for ``m`` tokens of an ``n x k`` weight.
-
-    Enough threads for about ``THREADS_PER_SM`` per SM (one quad super-tile per thread and step),
-    each walking at least ``MIN_STEPS`` super-tiles.
-    """
+    """Row tiles per program and split-K for ``m`` tokens of an ``n x k`` weight: enough threads
+    (one quad per thread) for about ``THREADS_PER_SM`` per SM, each walking at least ``MIN_STEPS``
+    super-tiles."""
     rt, s = -(-n // _ROWS), -(-k // _ST_COLS)
-    block_rt = 8
     quads = rt * 8
-    threads = THREADS_PER_SM * sms
-    steps = max(MIN_STEPS, -(-quads * s // threads))
+    steps = max(MIN_STEPS, -(-quads * s // (THREADS_PER_SM * sms)))
     steps = min(steps, s)
-    split = -(-s // steps)
-    return dict(BLOCK_RT=block_rt, SPLIT=split)
+    return dict(BLOCK_RT=BLOCK_RT, SPLIT=-(-s // steps), PIPE=PIPE, WEIGHTS_L1=WEIGHTS_L1)
 
 
-#: Resident threads per SM the split-K planner aims at, and fewest super-tiles per thread.
+#: Planner constants (see pick_config) and code variants, from the H100 sweep in
+#: benchmarks/bench_decode_mma.py (BENCHMARKS.md).
 THREADS_PER_SM = 1024
 MIN_STEPS = 1
+BLOCK_RT = 8
+PIPE = True
+WEIGHTS_L1 = True
 
 
 class DecodeMmaWorkspace:
@@ -591,5 +623,6 @@ def decode_mma_linear(x2d: torch.Tensor, lay, workspace: DecodeMmaWorkspace | No
             n, lay.rt, lay.s, st_per_split, split, xs.stride(0), ys.stride(0),
             BITS=lay.bits, GPS=lay.gps, TOKENS=tk, SPLIT_K=split > 1, BLOCK_RT=block_rt,
             USE_ASM=bool(use_asm), ACT_DTYPE=_TL_DTYPE[x2d.dtype], num_warps=max(1, block_rt * 8 // 32),
+            PIPE=bool(cfg.get("PIPE", PIPE)), WEIGHTS_L1=bool(cfg.get("WEIGHTS_L1", WEIGHTS_L1)),
         )
     return out
