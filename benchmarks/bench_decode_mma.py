@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_kernels import SHAPES, clone_layout, copies_for, int4pack_baseline, log, time_eager, time_graph  # noqa: E402
 from bench_mma_sp import clone_mma  # noqa: E402
 
+from sparsequant import kernels  # noqa: E402
 from sparsequant.kernels import reference  # noqa: E402
 from sparsequant.kernels.layout import build_layout  # noqa: E402
 from sparsequant.kernels.mma_sp import MmaSpState  # noqa: E402
@@ -53,13 +54,32 @@ def gmean(v):
     return math.exp(sum(math.log(x) for x in v) / len(v)) if v else float("nan")
 
 
+def profile(n: int, k: int) -> None:
+    dev = torch.device("cuda")
+    pk = random_packed24(n, k, 4, 128, device=dev, seed=1)
+    lay = MmaSpState(pk, dev, torch.float16).layout
+    tri = build_layout(pk, dev)
+    x = torch.randn(1, k, device=dev, dtype=torch.float16)
+    ws, wt = DecodeMmaWorkspace(n, dev), DecodeWorkspace(n, dev)
+    for _ in range(3):
+        decode_mma_linear(x, lay, ws)
+    for _ in range(3):
+        decode_linear(x, tri, wt)
+    torch.cuda.synchronize()
+    log(f"profiled {n}x{k}: config {pick_config(1, n, k)}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="1,2,4,8")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/bench"))
+    ap.add_argument("--profile", default=None, metavar="N,K",
+                    help="only launch the new kernel 3x, then the old decode kernel 3x, at 1 token (for ncu)")
     args = ap.parse_args()
+    if args.profile:
+        return profile(*(int(v) for v in args.profile.split(",")))
     dev = torch.device("cuda")
     tokens = [int(v) for v in args.tokens.split(",")]
     shapes = (SHAPES[:2] if args.quick else SHAPES) + FUSED
@@ -125,6 +145,10 @@ def main():
             if i4s is not None:
                 xb = x.to(torch.bfloat16)
                 row["int4pack"] = time_graph([lambda p=p: torch._weight_int4pack_mm(xb, p[0], 128, p[1]) for p in i4s])
+            if m <= kernels.DECODE_MMA_MAX_TOKENS:  # what kernels.linear runs for this state
+                disp = [kernels.Nm24State.from_mma(st_) for st_ in states]
+                row["dispatch"] = time_graph([lambda d=d: kernels.linear(x, d) for d in disp])
+                del disp
             if m == 1 and (n, k) == SHAPES[0]:
                 row["eager_new"] = time_eager([lambda: decode_mma_linear(x, lays[0], wsm[0])])
                 row["eager_tiled"] = time_eager([lambda: states[0](x)])
@@ -185,10 +209,13 @@ def main():
         g = {p: gmean([r["fp16"] / r[p] for r in rows if p in r]) for p in ("new", "tiled", "old_decode", "int4pack")}
         g["new_vs_int4pack"] = gmean([r["int4pack"] / r["new"] for r in rows if "int4pack" in r])
         g["new_vs_tiled"] = gmean([r["tiled"] / r["new"] for r in rows])
+        if all("dispatch" in r for r in rows):
+            g["dispatch"] = gmean([r["fp16"] / r["dispatch"] for r in rows])
         res["geomean"][m] = g
         log(f"tokens {m} (5 LLaMA shapes, geomean vs cuBLAS fp16): new {g['new']:.2f}x, tiled {g['tiled']:.2f}x, "
             f"old decode {g['old_decode']:.2f}x, int4pack {g['int4pack']:.2f}x; new vs int4pack "
-            f"{g['new_vs_int4pack']:.2f}x, new vs tiled {g['new_vs_tiled']:.2f}x")
+            f"{g['new_vs_int4pack']:.2f}x, new vs tiled {g['new_vs_tiled']:.2f}x"
+            + (f"; kernels.linear as dispatched {g['dispatch']:.2f}x" if "dispatch" in g else ""))
     for r in res["bf16"]:
         log(f"bf16 {r['shape'][0]}x{r['shape'][1]} m={r['tokens']}: new {r['new']:.1f} us, tiled {r['tiled']:.1f}, "
             f"cuBLAS bf16 {r['bf16']:.1f} ({r['bf16'] / r['new']:.2f}x)")

@@ -93,6 +93,10 @@ def run(prog, regs: dict, mem: dict | None = None) -> dict:
             v = val(a[1])
         elif op == "add.s64":
             v = (val(a[1]) + val(a[2])) & 0xFFFFFFFFFFFFFFFF
+        elif op == "mul.hi.u32":
+            v = ((val(a[1]) & M32) * (val(a[2]) & M32)) >> 32
+        elif op == "mad.lo.u32":
+            v = ((val(a[1]) & M32) * (val(a[2]) & M32) + (val(a[3]) & M32)) & M32
         elif op == "and.b32":
             v = val(a[1]) & val(a[2])
         elif op == "shr.b32":

@@ -137,6 +137,23 @@ def test_kernel_matches_reference(n, k, bits, group, dtype, m, split, pipe):
     assert int(ws.counters.abs().sum()) == 0  # the last program of each row block reset its counter
 
 
+def test_state_dispatches_one_token_to_this_kernel():
+    """A state holding only the mma.sp layout sends 1 token here (kernels.DECODE_MMA_MAX_TOKENS)."""
+    from sparsequant import kernels
+    from sparsequant.kernels.mma_sp import MmaSpState
+
+    n, k = 24, 136
+    pk = random_packed24(n, k, 4, 64, device=DEV, seed=SEED % 919)
+    state = kernels.Nm24State.from_mma(MmaSpState(pk, DEV, torch.float16))
+    assert state.decode_ws is not None and kernels.DECODE_MMA_MAX_TOKENS >= 1
+    ms = (1, 2) if HAS_CUDA else (1,)  # 2 tokens go to the tiled CUDA kernel: GPU only
+    for m in ms:
+        x = _x(m, k, torch.float16, 40 + m).to(DEV)
+        y = kernels.linear(x.view(1, m, k), state)
+        assert y.shape == (1, m, n)
+        assert kernel_rel_error(y[0], _ref(pk, x), SEED) < kernel_tol(torch.float16)
+
+
 def test_bad_input_is_refused():
     pk = random_packed24(16, 128, 4, 128, seed=1)
     lay = build_mma_sp_layout(pk, DEV)

@@ -9,10 +9,11 @@ bytes per row tile. Per k-tile (32 columns) the thread loads the 64 activation b
 token (the same address for every thread of the program: L1 broadcast) and does for each of its
 16 groups of four (2 rows x 8 chunks):
 
-- the PRMT selector of the kept pair, from the mma.sp nibble ``i0 | i1 << 2``: the i0 and i1
-  fields of a metadata word are masked into separate nibble planes, two PRMT *lookups* in the
-  constant table 0x76543210 turn each 2-bit index into the selector byte ``0x10 + 0x22 * index``,
-  one PRMT interleaves the group's two bytes (about 2 instructions per group, shared by all tokens);
+- the PRMT selector of the kept pair, from the mma.sp nibble ``i0 | i1 << 2``: two masks and one
+  multiply-add turn four nibbles of a metadata word into index bytes ``i0 | i1 << 4``, and one PRMT
+  *lookup* in the constant 0x76543210 turns such a byte into the selector bytes
+  ``(0x10 + 0x22 i0, 0x10 + 0x22 i1)`` (1.5 integer-pipe instructions per group, shared by all
+  tokens; the byte shifts are IMAD.HI on the FMA pipe, which this kernel leaves idle);
 - one LOP3 (int4: nibbles q, q + 4 -> fp16 pair ``1024 + c``; a shift per two groups) or PRMT
   (int8), then ``sub.f16x2`` (or ``fma.f16x2`` by 1/16 for the high nibble) to the exact code
   minus the zero point, and ``mul.f16x2`` by the row's scale (fp16 path: the weight rounded to
@@ -74,7 +75,7 @@ def _asm_ktile(bits: int, bf16: bool, tokens: int) -> tuple[str, str]:
     s_op, xp_op, xs_op = f"${n_acc + 10}", f"${n_acc + 11}", f"${n_acc + 12}"
     acc_in = [f"${n_acc + 13 + i}" for i in range(n_acc)]
     regs32 = ["T", "t", "a", "b", "xp", "S0", "S1", "K0", "K1"]
-    regs32 += [f"L{r}{ab}{hf}" for r in range(2) for ab in "ab" for hf in range(2)]
+    regs32 += [f"Y{r}{eo}" for r in range(2) for eo in "eo"]
     regs32 += [f"P{tig}{q}" for tig in range(4) for q in range(4)]
     regs32 += [f"E{tig}{q}" for tig in range(4) for q in range(4)]
     regs32 += [f"X{t}_{i}" for t in range(tokens) for i in range(16)]
@@ -84,19 +85,23 @@ def _asm_ktile(bits: int, bf16: bool, tokens: int) -> tuple[str, str]:
     if bf16:
         lines.append(".reg .f32 " + ", ".join(f"C{tig}{q}{v}" for tig in range(4) for q in range(4) for v in range(2))
                      + ", " + ", ".join(f"F{t}{h}" for t in range(tokens) for h in range(2)) + ";")
-    # selector lookups: for role r, i0 / i1 planes of nibbles 0-3 (hf 0) and 4-7 (hf 1)
+    # The integer pipe (LOP3, PRMT, SHF: 64 lanes/clk/SM) binds this kernel, the FMA pipe (IMAD,
+    # 128 lanes/clk) has room: right shifts are written as mul.hi by a power of two (IMAD.HI).
+    # Selector index bytes: Y{r}e byte k = i0 | i1 << 4 of nibble 2k, Y{r}o of nibble 2k + 1
+    # (i0 + 4 i1 + 3 * 4 i1 per byte, no carries).
     lines.append("mov.b32 T, 0x76543210;")
     for r in range(2):
-        lines += [f"and.b32 a, {m_ops[r]}, 0x33333333;", f"shr.b32 t, {m_ops[r]}, 2;", "and.b32 b, t, 0x33333333;",
-                  f"prmt.b32 L{r}a0, T, T, a;", "shr.b32 t, a, 16;", f"prmt.b32 L{r}a1, T, T, t;",
-                  f"prmt.b32 L{r}b0, T, T, b;", "shr.b32 t, b, 16;", f"prmt.b32 L{r}b1, T, T, t;"]
+        m = m_ops[r]
+        lines += [f"and.b32 t, {m}, 0x0C0C0C0C;", f"and.b32 a, {m}, 0x0F0F0F0F;", f"mad.lo.u32 Y{r}e, t, 3, a;",
+                  f"mul.hi.u32 b, {m}, 0x10000000;", "and.b32 t, b, 0x0C0C0C0C;", "and.b32 a, b, 0x0F0F0F0F;",
+                  f"mad.lo.u32 Y{r}o, t, 3, a;"]
     # codes -> exact (c - zero) fp16 pairs P{tig}{q}; q = A register: row half q & 1, chunk half q >> 1
     for tig in range(4):
         if bits == 4:
             w = c_ops[tig]
             lines += [f"lop3.b32 P{tig}0, {w}, 0x000F000F, 0x64006400, 0xEA;",
                       f"lop3.b32 P{tig}1, {w}, 0x00F000F0, 0x64006400, 0xEA;",
-                      f"shr.b32 t, {w}, 8;",
+                      f"mul.hi.u32 t, {w}, 0x1000000;",
                       f"lop3.b32 P{tig}2, t, 0x000F000F, 0x64006400, 0xEA;",
                       f"lop3.b32 P{tig}3, t, 0x00F000F0, 0x64006400, 0xEA;"]
         else:
@@ -123,13 +128,17 @@ def _asm_ktile(bits: int, bf16: bool, tokens: int) -> tuple[str, str]:
     else:
         lines += [f"prmt.b32 S0, {s_op}, {s_op}, 0x1010;", f"prmt.b32 S1, {s_op}, {s_op}, 0x3232;"]
         lines += [f"mul.f16x2 P{tig}{q}, P{tig}{q}, S{q & 1};" for tig in range(4) for q in range(4)]
-    # selectors E{tig}{q}: nibble j = 4 h + tig of role word cr (chunk 4 cr + tig, row g + 8 h)
+    # selectors E{tig}{q}: nibble j = 4 h + tig of role word cr (chunk 4 cr + tig, row g + 8 h); one
+    # PRMT lookup in T turns index byte (i0, i1) into the selector bytes (0x10 + 0x22 i0, 0x10 + 0x22 i1)
     for tig in range(4):
         for q in range(4):
             h, cr = q & 1, q >> 1
             j = 4 * h + tig
-            hf, jj = j // 4, j % 4
-            lines.append(f"prmt.b32 E{tig}{q}, L{cr}a{hf}, L{cr}b{hf}, {jj | (4 + jj) << 4:#x};")
+            y, kb = f"Y{cr}{'eo'[j % 2]}", j // 2
+            if kb:
+                lines += [f"mul.hi.u32 t, {y}, {1 << (32 - 8 * kb):#x};", f"prmt.b32 E{tig}{q}, T, T, t;"]
+            else:
+                lines.append(f"prmt.b32 E{tig}{q}, T, T, {y};")
     for t in range(tokens):
         lines.append(f"mov.b64 px, {xp_op};" if t == 0 else f"add.s64 px, px, {xs_op};")
         for v in range(4):
@@ -551,10 +560,10 @@ def pick_config(m: int, n: int, k: int, sms: int = 132) -> dict:
 #: Planner constants (see pick_config) and code variants, from the H100 sweep in
 #: benchmarks/bench_decode_mma.py (BENCHMARKS.md).
 THREADS_PER_SM = 1024
-MIN_STEPS = 1
-BLOCK_RT = 8
-PIPE = True
-WEIGHTS_L1 = True
+MIN_STEPS = 2  # run 2: 2 super-tiles per thread was best or within 3% on all five shapes
+BLOCK_RT = 16  # 8 and 16 within 3% (run 2), 16 slightly ahead on 3 of 5 shapes
+PIPE = False  # run 2: no gain at 1 token (within +-3%), and more registers cost at 4 tokens
+WEIGHTS_L1 = True  # run 2: within +-3% either way
 
 
 class DecodeMmaWorkspace:
