@@ -74,6 +74,7 @@ def main():
     ap.add_argument("--tokens", default="1,2,4,8")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sweep-lite", action="store_true", help="sweep only the split of the default code variant")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/bench"))
     ap.add_argument("--profile", default=None, metavar="N,K",
                     help="only launch the new kernel 3x, then the old decode kernel 3x, at 1 token (for ncu)")
@@ -161,11 +162,11 @@ def main():
             x = torch.randn(1, k, device=dev, dtype=torch.float16)
             ref1 = x.double() @ reference.dequantize_nm24(pk).double().t()
             s_all = -(-k // 128)
-            for brt in (8, 16):
-                for pipe in (False, True):
-                    for wl1 in (False, True):
-                        for split in sorted({max(1, s_all // 8), max(1, s_all // 4), max(1, s_all // 2)}):
-                            c = dict(BLOCK_RT=brt, SPLIT=split, PIPE=pipe, WEIGHTS_L1=wl1)
+            for brt in (16,) if args.sweep_lite else (8, 16):
+                for pair in (False, True):
+                    for wl1 in (True,) if args.sweep_lite else (False, True):
+                        for split in sorted({max(1, s_all // 8), max(1, s_all // 4), max(1, s_all // 2), s_all}):
+                            c = dict(BLOCK_RT=brt, SPLIT=split, PAIR=pair, WEIGHTS_L1=wl1)
                             if split == s_all // 4:  # every code variant checked once per shape
                                 check(f"{n}x{k} m=1 {c}", decode_mma_linear(x, lays[0], wsm[0], config=c), ref1, 2e-3)
                             t = time_graph([lambda l=l, w=w: decode_mma_linear(x, l, w, config=c)
@@ -173,11 +174,10 @@ def main():
                             res["sweep"].append({"shape": [n, k], **c, "us": t})
             best = min((r for r in res["sweep"] if r["shape"] == [n, k]), key=lambda r: r["us"])
             log(f"  sweep best at 1 token: {best}")
-            for pipe in (False, True):
-                for wl1 in (False, True):
-                    b = min((r for r in res["sweep"] if r["shape"] == [n, k] and r["PIPE"] == pipe
-                             and r["WEIGHTS_L1"] == wl1), key=lambda r: r["us"])
-                    log(f"    PIPE {pipe} WEIGHTS_L1 {wl1}: best {b['us']:.1f} us (BLOCK_RT {b['BLOCK_RT']}, SPLIT {b['SPLIT']})")
+            for pair, wl1 in sorted({(r["PAIR"], r["WEIGHTS_L1"]) for r in res["sweep"]}):
+                b = min((r for r in res["sweep"] if r["shape"] == [n, k] and r["PAIR"] == pair
+                         and r["WEIGHTS_L1"] == wl1), key=lambda r: r["us"])
+                log(f"    PAIR {pair} WEIGHTS_L1 {wl1}: best {b['us']:.1f} us (BLOCK_RT {b['BLOCK_RT']}, SPLIT {b['SPLIT']})")
             dump()
         if (n, k) == SHAPES[0]:
             pkb = random_packed24(n, k, 4, 128, device=dev, seed=7)
@@ -224,7 +224,7 @@ def main():
         if rows:
             b = min(rows, key=lambda r: r["us"])
             log(f"sweep {n}x{k} m=1: best {b['us']:.1f} us at BLOCK_RT {b['BLOCK_RT']} SPLIT {b['SPLIT']} "
-                f"PIPE {b['PIPE']} WEIGHTS_L1 {b['WEIGHTS_L1']}")
+                f"PAIR {b['PAIR']} WEIGHTS_L1 {b['WEIGHTS_L1']}")
     eager = [r for r in res["timing"] if "eager_new" in r]
     if eager:
         log(f"eager call 4096x4096 m=1: new {eager[0]['eager_new']:.1f} us, tiled {eager[0]['eager_tiled']:.1f} us")

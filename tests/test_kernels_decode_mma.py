@@ -121,17 +121,17 @@ def test_selector_table_covers_every_nibble():
 
 # -- CPU: the portable path in the interpreter (GPU: the same calls take the PTX path) ----------
 
-@pytest.mark.parametrize("n,k,bits,group,dtype,m,split,pipe", [
+@pytest.mark.parametrize("n,k,bits,group,dtype,m,split,pair", [
     (40, 264, 4, 128, torch.float16, 1, 1, True), (24, 136, 8, 32, torch.bfloat16, 5, 2, False),
     (17, 520, 4, 64, torch.float16, 3, 2, True), (40, 128, 8, None, torch.float16, 2, 1, False),
 ])
-def test_kernel_matches_reference(n, k, bits, group, dtype, m, split, pipe):
+def test_kernel_matches_reference(n, k, bits, group, dtype, m, split, pair):
     pk = random_packed24(n, k, bits, group, device=DEV, seed=SEED % 991)
     lay = build_mma_sp_layout(pk, DEV)
     x = _x(m, k, dtype, n).to(DEV)
     ws = dm.DecodeMmaWorkspace(n, DEV)
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
-    y = dm.decode_mma_linear(x, lay, ws, config=dict(BLOCK_RT=2, SPLIT=split, PIPE=pipe), out=out)
+    y = dm.decode_mma_linear(x, lay, ws, config=dict(BLOCK_RT=2, SPLIT=split, PAIR=pair), out=out)
     assert y.data_ptr() == out.data_ptr()
     assert kernel_rel_error(y, _ref(pk, x), SEED) < kernel_tol(dtype)
     assert int(ws.counters.abs().sum()) == 0  # the last program of each row block reset its counter
@@ -176,7 +176,7 @@ def test_config_is_valid():
 
 # -- GPU -----------------------------------------------------------------------------------------
 
-GPU_CASES = [  # n, k, bits, group, dtype, tokens, (BLOCK_RT, SPLIT, PIPE, WEIGHTS_L1) or None for the planner
+GPU_CASES = [  # n, k, bits, group, dtype, tokens, (BLOCK_RT, SPLIT, PAIR, WEIGHTS_L1) or None for the planner
     (4096, 4096, 4, 128, torch.float16, (1, 2, 3, 4, 5, 8), None),
     (333, 1000, 4, 128, torch.float16, (1, 3), (8, 3, False, False)),
     (100, 520, 4, 32, torch.float16, (1, 2), (4, 1, True, False)),
@@ -198,7 +198,7 @@ def test_gpu_matches_reference(n, k, bits, group, dtype, tokens, cfg):
     lay = build_mma_sp_layout(pk, "cuda")
     w = reference.dequantize_nm24(pk).double()
     ws = dm.DecodeMmaWorkspace(n, "cuda")
-    config = None if cfg is None else dict(BLOCK_RT=cfg[0], SPLIT=cfg[1], PIPE=cfg[2], WEIGHTS_L1=cfg[3])
+    config = None if cfg is None else dict(BLOCK_RT=cfg[0], SPLIT=cfg[1], PAIR=cfg[2], WEIGHTS_L1=cfg[3])
     for m in tokens:
         x = _x(m, k, dtype, m).cuda()
         out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
