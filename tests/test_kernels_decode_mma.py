@@ -154,6 +154,18 @@ def test_state_dispatches_one_token_to_this_kernel():
         assert kernel_rel_error(y[0], _ref(pk, x), SEED) < kernel_tol(torch.float16)
 
 
+def test_state_keeps_long_rows_on_the_tiled_kernel(monkeypatch):
+    """Above DECODE_MMA_MAX_K input features 1 token stays on the tiled kernel (measured faster there)."""
+    from sparsequant import kernels
+    from sparsequant.kernels.mma_sp import MmaSpState
+
+    k = kernels.DECODE_MMA_MAX_K + 128
+    pk = random_packed24(16, k, 4, 128, device=DEV, seed=SEED % 911)
+    state = kernels.Nm24State.from_mma(MmaSpState(pk, DEV, torch.float16))
+    monkeypatch.setattr(MmaSpState, "__call__", lambda self, x: "tiled")
+    assert state(_x(1, k, torch.float16, 3).to(DEV)) == "tiled"
+
+
 def test_bad_input_is_refused():
     pk = random_packed24(16, 128, 4, 128, seed=1)
     lay = build_mma_sp_layout(pk, DEV)

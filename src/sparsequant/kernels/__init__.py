@@ -6,9 +6,9 @@ supports its format on ``device`` (or None: the caller then uses the reference p
 
 What runs where (see docs/kernels.md):
 - 'nm24' symmetric int4/int8 codes, group 32/64/a multiple of 128/per channel, on a Hopper GPU
-  (sm_90): such a weight holds only the mma.sp layout on the GPU (``Nm24State``). Up to
-  ``DECODE_MMA_MAX_TOKENS`` tokens the Triton + inline-PTX decode kernel that reads that layout
-  (``triton_decode_mma.py``); then the sparse-tensor-core CUDA kernels (``mma_sp.py``, compiled
+  (sm_90): such a weight holds only the mma.sp layout on the GPU (``Nm24State``). At 1 token with
+  K <= 4096 (``DECODE_MMA_*``) the Triton + inline-PTX decode kernel that reads that layout
+  (``triton_decode_mma.py``); otherwise the sparse-tensor-core CUDA kernels (``mma_sp.py``, compiled
   with nvcc on first use; if that fails, a warning and the Triton paths below): the tiled kernel
   up to 32 tokens, and from 33 to 128 tokens on weights of at least 32M entries (``MMA_SP_*``
   below); otherwise a Triton expansion of the same layout into a transient dense buffer, then
@@ -35,16 +35,19 @@ from . import reference  # noqa: F401  (part of the public kernel API)
 DECODE_MAX_TOKENS = 8
 #: Token counts sent to the tiled sparse-tensor-core CUDA kernel (mma_sp.py) when a weight is prepared
 #: for it. Such a state holds only the mma.sp layout (one copy of the weight), so 1 token runs there
-#: too (H100 run 15: 2.32x cuBLAS fp16 vs 2.71x for the Triton decode kernel, which would need the
-#: second layout; benchmarks/KERNEL_NOTES.md, "One layout per weight"); 2-32 tokens it beats every
+#: too where the decode kernel over that layout is not faster (DECODE_MMA_* below; the Triton-layout
+#: decode kernel would need a second layout: benchmarks/KERNEL_NOTES.md, "One layout per weight"); 2-32 tokens it beats every
 #: other path (8 tokens 1.85x fp16, 32 tokens 0.99x vs 0.51x Triton); above 128 tokens the mma.sp
 #: layout is expanded once and multiplied by cuBLAS (512 tokens: expand + cuBLAS 0.67x vs 0.39x).
 MMA_SP_TOKENS = (1, 128)
-#: Token counts up to which a weight holding the mma.sp layout runs the decode kernel over that
-#: layout (triton_decode_mma.py) instead of the tiled kernel. H100 run 2 (BENCHMARKS.md, "Decode
-#: over the mma.sp layout"): at 1 token it was as fast or faster on 5 of 7 LLaMA shapes (wide
-#: outputs up to 1.2x), at 2 tokens slower on 4 of 7 (geomean 0.91x), at 4 tokens 0.57x.
+#: A weight holding the mma.sp layout runs up to DECODE_MMA_MAX_TOKENS tokens through the decode
+#: kernel over that layout (triton_decode_mma.py) instead of the tiled kernel when it has at most
+#: DECODE_MMA_MAX_K input features. H100 runs 3-4 (BENCHMARKS.md, "Decode over the mma.sp
+#: layout"), 1 token: K = 4096 as fast or faster (4096x4096 0.97-1.00x, 11008x4096 1.16x,
+#: 14336x4096 1.20x, QKV 12288x4096 1.30x, gate/up 22016x4096 1.03x), K = 11008 / 14336 slower
+#: (0.93-0.97x); 2 tokens slower on 5 of 7 shapes, 4 tokens 0.46-0.86x.
 DECODE_MMA_MAX_TOKENS = 1
+DECODE_MMA_MAX_K = 4096
 #: From this token count on, the tiled kernel only for weights of at least MMA_SP_LARGE_MIN_WEIGHTS
 #: entries: at 128 tokens it beat expand + cuBLAS on the 11008/14336-wide LLaMA shapes (66-97 vs
 #: 77-106 us) but not on 4096x4096 (43.5 vs 24.5 us).
@@ -61,7 +64,8 @@ class Nm24State:
 
     ``mma`` (an ``mma_sp.MmaSpState``) when the sparse-tensor-core kernels support the weight
     here (Hopper, symmetric codes, groups 32/64/multiple of 128/per channel, nvcc built the
-    library): every token count runs from its layout (tiled kernel, or expansion + cuBLAS).
+    library): every token count runs from its layout (decode kernel over it, tiled kernel, or
+    expansion + cuBLAS).
     Otherwise ``layout`` (layout.py's ``Nm24Layout``) and the Triton kernels. Never both: two
     layouts would double the weight's memory (0.39x of fp16 instead of 0.195x).
     """
@@ -113,7 +117,7 @@ class Nm24State:
     def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
         m = x2d.shape[0]
         if self.mma is not None:
-            if 1 <= m <= DECODE_MMA_MAX_TOKENS:
+            if 1 <= m <= DECODE_MMA_MAX_TOKENS and self.k <= DECODE_MMA_MAX_K:
                 from .triton_decode_mma import decode_mma_linear
 
                 return decode_mma_linear(x2d, self.mma.layout, self.decode_ws)

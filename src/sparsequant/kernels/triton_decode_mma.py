@@ -85,8 +85,8 @@ def _asm_ktile(bits: int, bf16: bool, tokens: int) -> tuple[str, str]:
     if bf16:
         lines.append(".reg .f32 " + ", ".join(f"C{tig}{q}{v}" for tig in range(4) for q in range(4) for v in range(2))
                      + ", " + ", ".join(f"F{t}{h}" for t in range(tokens) for h in range(2)) + ";")
-    # The integer pipe (LOP3, PRMT, SHF: 64 lanes/clk/SM) binds this kernel, the FMA pipe (IMAD,
-    # 128 lanes/clk) has room: right shifts are written as mul.hi by a power of two (IMAD.HI).
+    # The integer pipe (LOP3, PRMT, SHF) issues half as fast as the FMA pipe (IMAD) and carries
+    # most of this code, so right shifts are written as mul.hi by a power of two (IMAD.HI).
     # Selector index bytes: Y{r}e byte k = i0 | i1 << 4 of nibble 2k, Y{r}o of nibble 2k + 1
     # (i0 + 4 i1 + 3 * 4 i1 per byte, no carries).
     lines.append("mov.b32 T, 0x76543210;")
@@ -589,7 +589,7 @@ def pick_config(m: int, n: int, k: int, sms: int = 132) -> dict:
 THREADS_PER_SM = 1024
 MIN_STEPS = 2  # run 2: 2 super-tiles per thread was best or within 3% on all five shapes
 BLOCK_RT = 16  # 8 and 16 within 3% (run 2), 16 slightly ahead on 3 of 5 shapes
-PAIR = True  # two super-tiles' loads before their arithmetic (run 3 ncu: loads waited on, KERNEL_NOTES)
+PAIR = False  # run 4: 96 instead of 72 registers cost more occupancy than the second memory wait
 WEIGHTS_L1 = True  # run 2: within +-3% either way
 
 
