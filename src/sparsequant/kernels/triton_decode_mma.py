@@ -14,7 +14,7 @@ token (the same address for every thread of the program: L1 broadcast) and does 
   *lookup* in the constant 0x76543210 turns such a byte into the selector bytes
   ``(0x10 + 0x22 i0, 0x10 + 0x22 i1)`` (1.5 integer-pipe instructions per group, shared by all
   tokens; the byte shifts are IMAD.HI on the FMA pipe, which this kernel leaves idle);
-- one LOP3 (int4: nibbles q, q + 4 -> fp16 pair ``1024 + c``; a shift per two groups) or PRMT
+- one LOP3 (int4: nibbles q, q + 4 -> fp16 pair ``1024 + c``; an IMAD.HI shift per two groups) or PRMT
   (int8), then ``sub.f16x2`` (or ``fma.f16x2`` by 1/16 for the high nibble) to the exact code
   minus the zero point, and ``mul.f16x2`` by the row's scale (fp16 path: the weight rounded to
   fp16 once, as the tiled kernel's A operand);
@@ -28,8 +28,12 @@ the same kernel has a portable path in plain Triton ops (fp32) for the CPU inter
 PTX itself is checked on the CPU by an instruction-level emulation (tests).
 
 Split-K: with ``n_split > 1`` each program writes fp32 partial sums and the last program of a
-row block to arrive (atomic counter) adds them in split order and writes y: one launch,
-deterministic, safe inside CUDA graphs (the counter is reset by that program).
+row block to arrive (atomic counter) adds them in a fixed order and writes y: one launch,
+deterministic, safe inside CUDA graphs (the counter is reset by that program). ``pick_config``
+gives each thread two super-tiles. Measured on an H100 (BENCHMARKS.md, "Decode over the mma.sp
+layout"): 1 token 2.41x cuBLAS fp16, faster than the tiled mma.sp kernel for K <= 4096, which is
+where kernels.Nm24State sends 1 token here; the kernel waits on its loads at low occupancy
+(benchmarks/KERNEL_NOTES.md).
 """
 from __future__ import annotations
 
