@@ -6,11 +6,13 @@ supports its format on ``device`` (or None: the caller then uses the reference p
 
 What runs where (see docs/kernels.md):
 - 'nm24' symmetric int4/int8 codes, group 32/64/a multiple of 128/per channel, on a Hopper GPU
-  (sm_90): the sparse-tensor-core CUDA kernels (``mma_sp.py``, compiled with nvcc on first use; if
-  that fails, a warning and the Triton paths below): the tiled kernel from 1 to 32 tokens, and
-  from 33 to 128 tokens on weights of at least 32M entries (``MMA_SP_*`` below); otherwise a
-  Triton expansion of the same layout into a transient dense buffer, then cuBLAS. Such a
-  weight holds only the mma.sp layout on the GPU (``Nm24State``).
+  (sm_90): such a weight holds only the mma.sp layout on the GPU (``Nm24State``). At 1 token with
+  K <= 4096 (``DECODE_MMA_*``) the Triton + inline-PTX decode kernel that reads that layout
+  (``triton_decode_mma.py``); otherwise the sparse-tensor-core CUDA kernels (``mma_sp.py``, compiled
+  with nvcc on first use; if that fails, a warning and the Triton paths below): the tiled kernel
+  up to 32 tokens, and from 33 to 128 tokens on weights of at least 32M entries (``MMA_SP_*``
+  below); otherwise a Triton expansion of the same layout into a transient dense buffer, then
+  cuBLAS.
 - other 'nm24' int4/int8 codes (asymmetric, other groups that are a multiple of 32), or no
   mma.sp kernel here, float16/bfloat16 activations on CUDA: the Triton decode kernel up to ``DECODE_MAX_TOKENS`` tokens (its fp16 path
   is inline PTX); above that either the Triton prefill kernel (tiles expanded in registers +
@@ -33,11 +35,19 @@ from . import reference  # noqa: F401  (part of the public kernel API)
 DECODE_MAX_TOKENS = 8
 #: Token counts sent to the tiled sparse-tensor-core CUDA kernel (mma_sp.py) when a weight is prepared
 #: for it. Such a state holds only the mma.sp layout (one copy of the weight), so 1 token runs there
-#: too (H100 run 15: 2.32x cuBLAS fp16 vs 2.71x for the Triton decode kernel, which would need the
-#: second layout; benchmarks/KERNEL_NOTES.md, "One layout per weight"); 2-32 tokens it beats every
+#: too where the decode kernel over that layout is not faster (DECODE_MMA_* below; the Triton-layout
+#: decode kernel would need a second layout: benchmarks/KERNEL_NOTES.md, "One layout per weight"); 2-32 tokens it beats every
 #: other path (8 tokens 1.85x fp16, 32 tokens 0.99x vs 0.51x Triton); above 128 tokens the mma.sp
 #: layout is expanded once and multiplied by cuBLAS (512 tokens: expand + cuBLAS 0.67x vs 0.39x).
 MMA_SP_TOKENS = (1, 128)
+#: A weight holding the mma.sp layout runs up to DECODE_MMA_MAX_TOKENS tokens through the decode
+#: kernel over that layout (triton_decode_mma.py) instead of the tiled kernel when it has at most
+#: DECODE_MMA_MAX_K input features. H100 runs 3-4 (BENCHMARKS.md, "Decode over the mma.sp
+#: layout"), 1 token: K = 4096 as fast or faster (4096x4096 0.97-1.00x, 11008x4096 1.16x,
+#: 14336x4096 1.20x, QKV 12288x4096 1.30x, gate/up 22016x4096 1.03x), K = 11008 / 14336 slower
+#: (0.93-0.97x); 2 tokens slower on 5 of 7 shapes, 4 tokens 0.46-0.86x.
+DECODE_MMA_MAX_TOKENS = 1
+DECODE_MMA_MAX_K = 4096
 #: From this token count on, the tiled kernel only for weights of at least MMA_SP_LARGE_MIN_WEIGHTS
 #: entries: at 128 tokens it beat expand + cuBLAS on the 11008/14336-wide LLaMA shapes (66-97 vs
 #: 77-106 us) but not on 4096x4096 (43.5 vs 24.5 us).
@@ -54,7 +64,8 @@ class Nm24State:
 
     ``mma`` (an ``mma_sp.MmaSpState``) when the sparse-tensor-core kernels support the weight
     here (Hopper, symmetric codes, groups 32/64/multiple of 128/per channel, nvcc built the
-    library): every token count runs from its layout (tiled kernel, or expansion + cuBLAS).
+    library): every token count runs from its layout (decode kernel over it, tiled kernel, or
+    expansion + cuBLAS).
     Otherwise ``layout`` (layout.py's ``Nm24Layout``) and the Triton kernels. Never both: two
     layouts would double the weight's memory (0.39x of fp16 instead of 0.195x).
     """
@@ -73,6 +84,11 @@ class Nm24State:
         self.layout = layout  # Triton layout, or None
         self.mma = mma  # mma.sp state, or None
         self.workspace = None
+        self.decode_ws = None  # split-K counters of the mma.sp-layout decode kernel
+        if mma is not None:
+            from .triton_decode_mma import DecodeMmaWorkspace
+
+            self.decode_ws = DecodeMmaWorkspace(mma.layout.n, self.device)
         if layout is not None:
             from .triton_decode import DecodeWorkspace
 
@@ -101,6 +117,10 @@ class Nm24State:
     def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
         m = x2d.shape[0]
         if self.mma is not None:
+            if 1 <= m <= DECODE_MMA_MAX_TOKENS and self.k <= DECODE_MMA_MAX_K:
+                from .triton_decode_mma import decode_mma_linear
+
+                return decode_mma_linear(x2d, self.mma.layout, self.decode_ws)
             if MMA_SP_TOKENS[0] <= m <= MMA_SP_TOKENS[1] and (
                     m < MMA_SP_LARGE_TOKENS or self.n * self.k >= MMA_SP_LARGE_MIN_WEIGHTS):
                 return self.mma(x2d)
