@@ -10,8 +10,7 @@ What runs where (see docs/kernels.md):
   K <= 4096 (``DECODE_MMA_*``) the Triton + inline-PTX decode kernel that reads that layout
   (``triton_decode_mma.py``); otherwise the sparse-tensor-core CUDA kernels (``mma_sp.py``, compiled
   with nvcc on first use; if that fails, a warning and the Triton paths below): the tiled kernel
-  up to 32 tokens, and from 33 to 128 tokens on weights of at least 32M entries (``MMA_SP_*``
-  below); otherwise a Triton expansion of the same layout into a transient dense buffer, then
+  up to 128 tokens (``MMA_SP_*`` below); above that a Triton expansion of the same layout into a transient dense buffer, then
   cuBLAS.
 - other 'nm24' int4/int8 codes (asymmetric, other groups that are a multiple of 32), or no
   mma.sp kernel here, float16/bfloat16 activations on CUDA: the Triton decode kernel up to ``DECODE_MAX_TOKENS`` tokens (its fp16 path
@@ -49,10 +48,11 @@ MMA_SP_TOKENS = (1, 128)
 DECODE_MMA_MAX_TOKENS = 1
 DECODE_MMA_MAX_K = 4096
 #: From this token count on, the tiled kernel only for weights of at least MMA_SP_LARGE_MIN_WEIGHTS
-#: entries: at 128 tokens it beat expand + cuBLAS on the 11008/14336-wide LLaMA shapes (66-97 vs
-#: 77-106 us) but not on 4096x4096 (43.5 vs 24.5 us).
+#: entries. 0 since the second tiled kernel: on 4096x4096, the one LLaMA shape the old rule sent to
+#: expand + cuBLAS, it took 25.8 / 24.7 us at 64 / 128 tokens against 25.8 / 26.9 us for expand +
+#: cuBLAS in the same H100 run (KERNEL_NOTES.md, "Tiled mma.sp kernel, second version").
 MMA_SP_LARGE_TOKENS = 33
-MMA_SP_LARGE_MIN_WEIGHTS = 32 * 2**20
+MMA_SP_LARGE_MIN_WEIGHTS = 0
 #: Many-token path: "auto", "expand" (dense buffer + cuBLAS) or "triton" (tl.dot prefill kernel).
 #: "auto" takes the Triton kernel up to 32 tokens on wide outputs (N >= 8192), where it measured
 #: faster than expanding (83 vs 100-131 us at 16 tokens), and expand + cuBLAS everywhere else.
@@ -211,8 +211,9 @@ def prepare(packed, device, dtype: torch.dtype, act_quant: str | None = None):
     if act_quant is not None:
         if act_quant not in ("int8", "fp8"):
             raise ValueError(f"act_quant must be None, 'int8' or 'fp8', got {act_quant!r}")
-        n, k = packed.shape
-        if n % 16 or k % 16:
+        from .cslt import shape_supported
+
+        if not shape_supported(*packed.shape):  # cuSPARSELt refuses it: the reference path runs it
             return None
         return W8A8State(packed, device, dtype, act_quant)
     if kernel_group(packed) is None or not _triton_ok():
