@@ -69,6 +69,18 @@ def exact_embedding(model, seed: int = 0):
     return model
 
 
+def greedy_run(engine, ids, mask, steps):
+    """Greedy tokens and every step's logits through a DecodeEngine (float64 copies: the engine
+    reuses its output buffers)."""
+    logits = [engine.prefill(ids, mask).double().clone()]
+    toks = []
+    for _ in range(steps):
+        tok = logits[-1].argmax(-1)
+        toks.append(tok.tolist())
+        logits.append(engine.decode(tok).double().clone())
+    return toks, logits
+
+
 def random_ids(n: int, seq_len: int, vocab: int = 256, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, seq_len), generator=g)

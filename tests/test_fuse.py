@@ -22,7 +22,7 @@ from sparsequant.runtime.engine import DecodeEngine, left_pad
 from sparsequant.runtime.generate import generate
 from sparsequant.solvers import LinearPlan, compress_weight
 
-from conftest import FAMILIES, random_ids, tiny_model
+from conftest import FAMILIES, greedy_run, random_ids, tiny_model
 
 S24 = SparsitySpec.parse("2:4")
 
@@ -96,16 +96,6 @@ def test_fuse_linears_is_exact_for_dense_and_sparse_linears_with_partial_biases(
 
 
 # -- whole models ---------------------------------------------------------------------------
-def _run(engine, ids, mask, steps):
-    logits = [engine.prefill(ids, mask).double().clone()]
-    toks = []
-    for _ in range(steps):
-        tok = logits[-1].argmax(-1)
-        toks.append(tok.tolist())
-        logits.append(engine.decode(tok).double().clone())
-    return toks, logits
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fused_model_equals_the_unfused_one(family):
     """Dense and compressed tiny models: same logits and greedy tokens (engine, left padding) fused."""
@@ -115,7 +105,7 @@ def test_fused_model_equals_the_unfused_one(family):
         model = tiny_model(family, seed=2)
         if compress:
             model = _compressed(model)
-        want_t, want_l = _run(DecodeEngine(model, 2, 32), ids, mask, 5)
+        want_t, want_l = greedy_run(DecodeEngine(model, 2, 32), ids, mask, 5)
         x = random_ids(2, 7, seed=4)
         with torch.no_grad():
             want = model(x).logits
@@ -123,7 +113,7 @@ def test_fused_model_equals_the_unfused_one(family):
         with torch.no_grad():
             got = model(x).logits
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        got_t, got_l = _run(DecodeEngine(model, 2, 32), ids, mask, 5)
+        got_t, got_l = greedy_run(DecodeEngine(model, 2, 32), ids, mask, 5)
         assert got_t == want_t
         for a, b in zip(got_l, want_l):
             assert float((a - b).abs().max()) < 1e-5 * max(1.0, float(b.abs().max()))
@@ -239,7 +229,7 @@ def test_fused_attention_can_keep_the_stock_sdpa_function(monkeypatch):
         fuse_projections(model, gqa_rows=rows_path)
         assert all(m.gqa_rows is rows_path for m in model.modules() if isinstance(m, FusedAttention))
         calls.clear()
-        runs[rows_path] = _run(DecodeEngine(model, 2, 32), ids, mask, 4)
+        runs[rows_path] = greedy_run(DecodeEngine(model, 2, 32), ids, mask, 4)
         assert bool(calls) is rows_path
         if not rows_path:  # the twins mirror the choice
             assert not any(m.gqa_rows for m in syn.dense_twin(_compressed(model)).modules()
@@ -257,10 +247,10 @@ def test_compiled_fused_gqa_engine_equals_the_stock_eager_engine():
     model = _compressed(tiny_model("llama", seed=5))  # 4 query heads over 2 KV heads
     rows = [random_ids(1, n, seed=n)[0].tolist() for n in (7, 3)]
     ids, mask = left_pad(rows, 0)
-    want_t, want_l = _run(DecodeEngine(model, 2, 32, compile=False), ids, mask, 6)
+    want_t, want_l = greedy_run(DecodeEngine(model, 2, 32, compile=False), ids, mask, 6)
     fuse_projections(model)
     graphs = counters["stats"]["unique_graphs"]
-    got_t, got_l = _run(DecodeEngine(model, 2, 32, compile=True), ids, mask, 6)
+    got_t, got_l = greedy_run(DecodeEngine(model, 2, 32, compile=True), ids, mask, 6)
     assert counters["stats"]["unique_graphs"] == graphs + 1
     assert got_t == want_t
     for a, b in zip(got_l, want_l):

@@ -16,7 +16,7 @@ from sparsequant.nn.linear import SparseQuantLinear
 from sparsequant.runtime import synthetic as syn
 from sparsequant.runtime.engine import DecodeEngine, left_pad
 
-from conftest import exact_embedding, random_ids, runtime_cli, tiny_model
+from conftest import exact_embedding, greedy_run, random_ids, runtime_cli, tiny_model
 
 
 def _sparse_linear(n=48, k=128, bias=True, seed=0):
@@ -36,17 +36,6 @@ def _compressed(model):
     return model
 
 
-def _run(engine, ids, mask, steps):
-    """Greedy tokens and every step's logits (float64 copies: the engine reuses its buffers)."""
-    logits = [engine.prefill(ids, mask).double().clone()]
-    toks = []
-    for _ in range(steps):
-        tok = logits[-1].argmax(-1)
-        toks.append(tok.tolist())
-        logits.append(engine.decode(tok).double().clone())
-    return toks, logits
-
-
 # llama runs through the custom op (compressed linears), qwen3 (q/k norms, per-layer-type masks) dense
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_compiled_step_equals_eager_and_never_recompiles(family):
@@ -58,17 +47,17 @@ def test_compiled_step_equals_eager_and_never_recompiles(family):
     eager = DecodeEngine(model, 2, 32, compile=False)
     compiled = DecodeEngine(model, 2, 32, compile=True)
     assert not eager.use_compile and compiled.use_compile
-    want_t, want_l = _run(eager, ids, mask, 6)
+    want_t, want_l = greedy_run(eager, ids, mask, 6)
     graphs = counters["stats"]["unique_graphs"]
-    got_t, got_l = _run(compiled, ids, mask, 6)
+    got_t, got_l = greedy_run(compiled, ids, mask, 6)
     assert counters["stats"]["unique_graphs"] == graphs + 1  # compiled, as one graph, once for six steps
     assert got_t == want_t
     for a, b in zip(got_l, want_l):
         assert float((a - b).abs().max()) < 1e-4 * max(1.0, float(b.abs().max()))
     # a second generation on the same engine: new prompts, same shapes -> no new compilation
     with torch._dynamo.config.patch(error_on_recompile=True):
-        again_t, _ = _run(compiled, ids.flip(0), mask.flip(0), 4)
-    assert again_t == _run(eager, ids.flip(0), mask.flip(0), 4)[0]
+        again_t, _ = greedy_run(compiled, ids.flip(0), mask.flip(0), 4)
+    assert again_t == greedy_run(eager, ids.flip(0), mask.flip(0), 4)[0]
 
 
 def test_compiled_step_with_an_int8_embedding_equals_the_eager_float_embedding():
@@ -78,8 +67,8 @@ def test_compiled_step_with_an_int8_embedding_equals_the_eager_float_embedding()
     assert isinstance(quantize_input_embedding(small), Int8Embedding)
     rows = [random_ids(1, n, seed=n)[0].tolist() for n in (7, 3)]
     ids, mask = left_pad(rows, 0)
-    want_t, want_l = _run(DecodeEngine(model, 2, 32, compile=False), ids, mask, 6)
-    got_t, got_l = _run(DecodeEngine(small, 2, 32, compile=True), ids, mask, 6)
+    want_t, want_l = greedy_run(DecodeEngine(model, 2, 32, compile=False), ids, mask, 6)
+    got_t, got_l = greedy_run(DecodeEngine(small, 2, 32, compile=True), ids, mask, 6)
     assert got_t == want_t
     for a, b in zip(got_l, want_l):
         assert float((a - b).abs().max()) < 1e-4 * max(1.0, float(b.abs().max()))
@@ -145,9 +134,9 @@ def test_gpu_compiled_graph_decode_equals_uncompiled_graph():
     rows = [[1, 15, 27, 300, 42, 7, 99, 5], [3, 200, 17]]
     ids, mask = left_pad(rows, 0)
     for model in (dense, sparse):
-        want_t, want_l = _run(DecodeEngine(model, 2, 64, compile=False), ids, mask, 16)
+        want_t, want_l = greedy_run(DecodeEngine(model, 2, 64, compile=False), ids, mask, 16)
         eng = DecodeEngine(model, 2, 64, compile=True)
-        got_t, got_l = _run(eng, ids, mask, 16)
+        got_t, got_l = greedy_run(eng, ids, mask, 16)
         assert eng.use_compile and eng.use_graph
         assert got_t == want_t
         for a, b in zip(got_l, want_l):  # fp16: fused kernels round differently from the unfused ones

@@ -179,7 +179,6 @@ def _cleanup(device: torch.device) -> None:
 def measure_engine(model, name: str, batch: int, prompt_len: int, s: BenchSettings, timer: _Timer,
                    prefill_only: bool = False, options: dict | None = None) -> BenchRow:
     row = BenchRow(name, batch, prompt_len)
-    device = timer.device
     vocab = vocab_size_of(model)
     g = torch.Generator().manual_seed(s.seed + batch * 7919 + prompt_len)
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=g)
