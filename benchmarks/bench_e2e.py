@@ -22,7 +22,8 @@
    the same weights; ``--compare-batch`` limits the batches), ``--prefill-only-len 2048`` measures
    prefill only at those prompt lengths (no decode compilation; the fp8 engines then run there only),
    ``--no-time-dense`` builds the dense model for the twins without timing it; ``--gqa-compare``
-   adds 'sparse-repeatkv' (fused, but transformers' SDPA with ``repeat_kv``) to isolate the GQA path.
+   adds 'sparse-gqarows' (fused, attention through models/attention.sdpa_attention, no ``repeat_kv``)
+   to isolate the GQA path against the default (transformers' SDPA).
    Issue 7's run within ~4 minutes: ``--embed-int8 --batch 1,32 --prompt-len 128 --no-hf
    --fuse-compare sparse,sparse-fp8 --compare-batch 1 --prefill-only-len 2048 --budget-s 110``.
 
@@ -203,7 +204,7 @@ def speed(args, results: dict, save=lambda: None):
         engines["dense"] = dense
     if not args.no_hf:
         engines["transformers"] = dense
-    unfused = {}  # the comparison engines: '-unfused' and '-repeatkv'
+    unfused = {}  # the comparison engines: '-unfused' and '-gqarows'
     if args.fuse_compare:  # the same weights (same seed), projections separate
         plain = syn.build_dense(cfg, device=args.device, dtype=torch.float16, seed=0)
         twins = _twins(plain, args, "-unfused", meta, fp8="sparse-fp8" in args.fuse_compare)
@@ -212,10 +213,10 @@ def speed(args, results: dict, save=lambda: None):
             if model is not None:
                 unfused[name + "-unfused"] = model
         del plain, twins
-    if args.gqa_compare:  # fused projections, transformers' SDPA (repeat_kv) instead of sdpa_attention
+    if args.gqa_compare:  # fused projections, sdpa_attention (no repeat_kv) instead of transformers' SDPA
         other = syn.build_dense(cfg, device=args.device, dtype=torch.float16, seed=0)
-        fuse_projections(other, gqa_rows=False)
-        unfused["sparse-repeatkv"], _ = syn.sparse_twin(other, "2:4-w4a16", embed_int8=args.embed_int8)
+        fuse_projections(other, gqa_rows=True)
+        unfused["sparse-gqarows"], _ = syn.sparse_twin(other, "2:4-w4a16", embed_int8=args.embed_int8)
         del other
     dense_bytes = syn.weight_bytes_on(dense, args.device)
     everything = {**engines, **unfused}
@@ -290,7 +291,7 @@ def acceptance(report) -> list[str]:
         lines.append(f"batch 32 decode (prompt 128){label}: {v or 0:.0f} tok/s = {r or 0:.2f}x dense fp16 "
                      f"(target >= 1.8x)")
     variants = {"-unfused": "fused vs unfused projections",
-                "-repeatkv": "GQA attention without vs with repeat_kv (both fused)"}
+                "-gqarows": "GQA attention: transformers' SDPA (repeat_kv) vs rows without repeat_kv (both fused)"}
     for (name, b, p), row in sorted(rows.items()):
         for suffix, label in variants.items():
             if not name.endswith(suffix):
@@ -348,8 +349,8 @@ def main(argv=None) -> int:
                    help="engines (sparse, sparse-fp8, dense) also timed with separate projections, as "
                    "'<engine>-unfused' (the same weights)")
     p.add_argument("--gqa-compare", action="store_true",
-                   help="also time 'sparse-repeatkv': fused projections with transformers' SDPA (repeat_kv "
-                   "of the KV cache) instead of models/attention.sdpa_attention, at --compare-batch")
+                   help="also time 'sparse-gqarows': fused projections with models/attention.sdpa_attention "
+                   "(no repeat_kv of the KV cache) instead of transformers' SDPA, at --compare-batch")
     p.add_argument("--compare-batch", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="batches at which the -unfused engines decode (default: --batch)")
     p.add_argument("--prefill-only-len", type=lambda s: [int(x) for x in s.split(",")], default=[],

@@ -216,7 +216,8 @@ def test_sdpa_attention_without_repeat_equals_a_float64_reference(dtype, groups,
 
 
 def test_fused_attention_can_keep_the_stock_sdpa_function(monkeypatch):
-    """gqa_rows=False (bench_e2e --gqa-compare): the fused forward calls transformers' SDPA; same tokens."""
+    """gqa_rows False (the default) / True (bench_e2e --gqa-compare): the fused forward calls
+    transformers' SDPA / models/attention.sdpa_attention; same tokens."""
     import sparsequant.models.fused as fused_mod
 
     calls = []
@@ -231,9 +232,9 @@ def test_fused_attention_can_keep_the_stock_sdpa_function(monkeypatch):
         calls.clear()
         runs[rows_path] = greedy_run(DecodeEngine(model, 2, 32), ids, mask, 4)
         assert bool(calls) is rows_path
-        if not rows_path:  # the twins mirror the choice
-            assert not any(m.gqa_rows for m in syn.dense_twin(_compressed(model)).modules()
-                           if isinstance(m, FusedAttention))
+        # the twins mirror the choice
+        assert all(m.gqa_rows is rows_path for m in syn.dense_twin(_compressed(model)).modules()
+                   if isinstance(m, FusedAttention))
     assert runs[True][0] == runs[False][0]
     for a, b in zip(runs[True][1], runs[False][1]):
         assert float((a - b).abs().max()) < 1e-5 * max(1.0, float(b.abs().max()))
@@ -248,7 +249,7 @@ def test_compiled_fused_gqa_engine_equals_the_stock_eager_engine():
     rows = [random_ids(1, n, seed=n)[0].tolist() for n in (7, 3)]
     ids, mask = left_pad(rows, 0)
     want_t, want_l = greedy_run(DecodeEngine(model, 2, 32, compile=False), ids, mask, 6)
-    fuse_projections(model)
+    fuse_projections(model, gqa_rows=True)
     graphs = counters["stats"]["unique_graphs"]
     got_t, got_l = greedy_run(DecodeEngine(model, 2, 32, compile=True), ids, mask, 6)
     assert counters["stats"]["unique_graphs"] == graphs + 1

@@ -13,9 +13,12 @@ forward does (``FusedAttention.forward`` / ``FusedMLP.forward`` below: the LLaMA
 per-head q/k norms of Qwen3 and Gemma 3, the sliding window and soft-capping arguments the family
 passes to its attention function). Plain methods on a class, so they run eagerly, under
 ``torch.compile(fullgraph=True)`` and inside CUDA graphs alike. With SDPA attention the fused
-forward also calls ``models/attention.sdpa_attention``, which serves grouped-query heads at one
-query token without copying the KV cache (``gqa_rows=False``: transformers' own SDPA function, for
-measuring the two against each other).
+forward calls transformers' own SDPA function (it repeats the KV heads of a grouped-query model);
+``gqa_rows=True`` calls ``models/attention.sdpa_attention`` instead, which serves grouped-query heads
+at one query token as rows of their KV head without copying the cache. That path is off by default:
+on an H100 (LLaMA-3-8B shape, 8 layers, batch 1, 2048-token context, compiled) it decoded 0.94x as
+fast as transformers' SDPA (BENCHMARKS.md, "GQA attention"), because one thread block per KV head
+leaves most of the GPU idle; a split-KV decode kernel is what would make it pay.
 
 Families: LLaMA, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3. Phi-3 checkpoints already hold
 ``qkv_proj`` / ``gate_up_proj``. OPT and Phi (fc1/fc2 MLPs, attention forwards of their own) are
@@ -56,7 +59,7 @@ class FusedAttention:
 
     fused_split: tuple[int, int, int]  # output widths of q, k, v inside qkv_proj
     fused_extras: dict  # what the family's forward passes its attention function besides the tensors
-    gqa_rows: bool = True  # SDPA through models/attention.sdpa_attention (no repeat_kv at one token)
+    gqa_rows: bool = False  # True: SDPA through models/attention.sdpa_attention (no repeat_kv at one token)
     _rotary = None  # the family's apply_rotary_pos_emb
     _eager = None  # the family's eager_attention_forward
 
@@ -146,12 +149,13 @@ def _fuse_group(module, names, new_name, mixin, split_attr, device, dtype, extra
 
 
 def fuse_projections(model: nn.Module, device=None, dtype: torch.dtype | None = None,
-                     gqa_rows: bool = True) -> FusionReport:
+                     gqa_rows: bool = False) -> FusionReport:
     """Fuse q/k/v and gate/up in every decoder layer of ``model`` in place (idempotent).
 
     ``device``/``dtype``: where the model will be placed, so fused compressed linears build their
-    kernel state once (``nn/fuse.py``); a model already placed needs neither. ``gqa_rows=False``
-    keeps transformers' SDPA function (``repeat_kv``) in the fused attention.
+    kernel state once (``nn/fuse.py``); a model already placed needs neither. ``gqa_rows=True``
+    runs grouped-query attention through ``models/attention.sdpa_attention`` (no ``repeat_kv``;
+    slower on an H100 so far, see the module docstring) instead of transformers' SDPA.
     """
     report = FusionReport()
     model_type = getattr(getattr(model, "config", None), "model_type", None)

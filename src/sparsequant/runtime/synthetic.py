@@ -177,7 +177,7 @@ def _skeleton_like(model, dtype):
 
     twin = _empty_model(AutoModelForCausalLM, model.config, dtype)
     if is_fused(model):
-        rows = all(m.gqa_rows for m in model.modules() if isinstance(m, FusedAttention))
+        rows = any(m.gqa_rows for m in model.modules() if isinstance(m, FusedAttention))
         fuse_projections(twin, gqa_rows=rows)
     return twin
 
