@@ -17,8 +17,8 @@ forward calls transformers' own SDPA function (it repeats the KV heads of a grou
 ``gqa_rows=True`` calls ``models/attention.sdpa_attention`` instead, which serves grouped-query heads
 at one query token as rows of their KV head without copying the cache. That path is off by default:
 on an H100 (LLaMA-3-8B shape, 8 layers, batch 1, 2048-token context, compiled) it decoded 0.94x as
-fast as transformers' SDPA (BENCHMARKS.md, "GQA attention"), because one thread block per KV head
-leaves most of the GPU idle; a split-KV decode kernel is what would make it pay.
+fast as transformers' SDPA (BENCHMARKS.md, "GQA attention"), most likely because one thread block
+per KV head leaves most of the GPU idle (not profiled); a split-KV decode kernel is what would make it pay.
 
 Families: LLaMA, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3. Phi-3 checkpoints already hold
 ``qkv_proj`` / ``gate_up_proj``. OPT and Phi (fc1/fc2 MLPs, attention forwards of their own) are
