@@ -44,14 +44,10 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, embed_int8: bool 
     checkpoint is unchanged, and groups that cannot be stacked exactly stay separate).
     """
     from .checkpoint.io import load_checkpoint
-
     from .models.fused import fuse_projections
 
-    def fuse_before_placement(model, dev, dt):
-        fuse_projections(model, device=dev, dtype=dt)
-
     model, tokenizer, _ = load_checkpoint(path, device=device, dtype=dtype, embed_int8=embed_int8,
-                                          transform=fuse_before_placement if fuse else None)
+                                          transform=fuse_projections if fuse else None)
     return model, tokenizer
 
 

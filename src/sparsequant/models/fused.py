@@ -136,13 +136,13 @@ class FusionReport:
         return bool(self.fused)
 
 
-def _fuse_group(module, names, new_name, mixin, split_attr, device, dtype, extras=None):
+def _fuse_group(module, names, new_name, mixin, device, dtype, extras=None):
     parts = [getattr(module, n) for n in names]
     fused = fuse_linears(parts, device=device, dtype=dtype)  # FusionRefused leaves the module untouched
     for n in names:
         delattr(module, n)
     setattr(module, new_name, fused)
-    setattr(module, split_attr, tuple(p.out_features for p in parts))
+    module.fused_split = tuple(p.out_features for p in parts)
     if extras is not None:
         module.fused_extras = extras
     module.__class__ = _fused_class(mixin, type(module))
@@ -179,7 +179,7 @@ def fuse_projections(model: nn.Module, device=None, dtype: torch.dtype | None = 
                 continue
             extras = _attention_extras(module) if mixin is FusedAttention else None
             try:
-                _fuse_group(module, names, new_name, mixin, "fused_split", device, dtype, extras)
+                _fuse_group(module, names, new_name, mixin, device, dtype, extras)
             except FusionRefused as exc:
                 report.unfused[path] = str(exc)
                 continue
