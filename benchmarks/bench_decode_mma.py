@@ -146,7 +146,7 @@ def main():
             if i4s is not None:
                 xb = x.to(torch.bfloat16)
                 row["int4pack"] = time_graph([lambda p=p: torch._weight_int4pack_mm(xb, p[0], 128, p[1]) for p in i4s])
-            if m <= kernels.DECODE_MMA_MAX_TOKENS:  # what kernels.linear runs for this state
+            if m <= kernels.SKINNY_TOKENS:  # what kernels.linear runs for this state (the skinny kernel)
                 disp = [kernels.Nm24State.from_mma(st_) for st_ in states]
                 row["dispatch"] = time_graph([lambda d=d: kernels.linear(x, d) for d in disp])
                 del disp

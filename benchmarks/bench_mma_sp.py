@@ -198,8 +198,7 @@ def one_layout(args) -> None:
             if m == 1:
                 row["before"] = time_graph([lambda l=l, ws=ws: decode_linear(x, l, ws) for l, ws in zip(tris, wss)])
                 row["before_path"] = "triton decode"
-            elif m > kernels.MMA_SP_TOKENS[1] or (m >= kernels.MMA_SP_LARGE_TOKENS
-                                                   and n * k < kernels.MMA_SP_LARGE_MIN_WEIGHTS):
+            elif m > kernels.MMA_SP_TOKENS[1]:
                 row["before"] = time_graph([lambda l=l: expand_linear(x, l) for l in tris[:4]])
                 row["before_path"] = "triton-layout PTX expand + cuBLAS"
                 row["expand_mma_cublas"] = time_graph([lambda s=s: expand_mma_linear(x, s.mma.layout) for s in states[:4]])

@@ -137,33 +137,24 @@ def test_kernel_matches_reference(n, k, bits, group, dtype, m, split, pair):
     assert int(ws.counters.abs().sum()) == 0  # the last program of each row block reset its counter
 
 
-def test_state_dispatches_one_token_to_this_kernel():
-    """A state holding only the mma.sp layout sends 1 token here (kernels.DECODE_MMA_MAX_TOKENS)."""
+def test_state_sends_few_tokens_to_the_skinny_kernel(monkeypatch):
+    """A state holding the mma.sp layout runs 1..SKINNY_TOKENS tokens on the skinny CUDA kernel (faster
+    than this kernel on every measured shape), more on the tiled one; this kernel stays callable."""
     from sparsequant import kernels
     from sparsequant.kernels.mma_sp import MmaSpState
 
-    n, k = 24, 136
-    pk = random_packed24(n, k, 4, 64, device=DEV, seed=SEED % 919)
+    pk = random_packed24(16, 256, 4, 128, device=DEV, seed=SEED % 911)
     state = kernels.Nm24State.from_mma(MmaSpState(pk, DEV, torch.float16))
-    assert state.decode_ws is not None and kernels.DECODE_MMA_MAX_TOKENS >= 1
-    ms = (1, 2) if HAS_CUDA else (1,)  # 2 tokens go to the tiled CUDA kernel: GPU only
-    for m in ms:
-        x = _x(m, k, torch.float16, 40 + m).to(DEV)
-        y = kernels.linear(x.view(1, m, k), state)
-        assert y.shape == (1, m, n)
-        assert kernel_rel_error(y[0], _ref(pk, x), SEED) < kernel_tol(torch.float16)
-
-
-def test_state_keeps_long_rows_on_the_tiled_kernel(monkeypatch):
-    """Above DECODE_MMA_MAX_K input features 1 token stays on the tiled kernel (measured faster there)."""
-    from sparsequant import kernels
-    from sparsequant.kernels.mma_sp import MmaSpState
-
-    k = kernels.DECODE_MMA_MAX_K + 128
-    pk = random_packed24(16, k, 4, 128, device=DEV, seed=SEED % 911)
-    state = kernels.Nm24State.from_mma(MmaSpState(pk, DEV, torch.float16))
+    monkeypatch.setattr(MmaSpState, "skinny", lambda self, x: "skinny")
     monkeypatch.setattr(MmaSpState, "__call__", lambda self, x: "tiled")
-    assert state(_x(1, k, torch.float16, 3).to(DEV)) == "tiled"
+    for m in range(1, kernels.SKINNY_TOKENS + 1):
+        assert state(_x(m, 256, torch.float16, 3).to(DEV)) == "skinny", m
+    assert state(_x(kernels.SKINNY_TOKENS + 1, 256, torch.float16, 3).to(DEV)) == "tiled"
+    # Tall weights (N >= SKINNY_TALL_N) switch to the tiled kernel one token earlier.
+    tall = kernels.Nm24State.from_mma(MmaSpState(random_packed24(kernels.SKINNY_TALL_N, 128, 4, 128, device=DEV,
+                                                                 seed=SEED % 907), DEV, torch.float16))
+    assert tall(_x(kernels.SKINNY_TALL_TOKENS, 128, torch.float16, 3).to(DEV)) == "skinny"
+    assert tall(_x(kernels.SKINNY_TALL_TOKENS + 1, 128, torch.float16, 3).to(DEV)) == "tiled"
 
 
 def test_bad_input_is_refused():

@@ -6,12 +6,11 @@ supports its format on ``device`` (or None: the caller then uses the reference p
 
 What runs where (see docs/kernels.md):
 - 'nm24' symmetric int4/int8 codes, group 32/64/a multiple of 128/per channel, on a Hopper GPU
-  (sm_90): such a weight holds only the mma.sp layout on the GPU (``Nm24State``). At 1 token with
-  K <= 4096 (``DECODE_MMA_*``) the Triton + inline-PTX decode kernel that reads that layout
-  (``triton_decode_mma.py``); otherwise the sparse-tensor-core CUDA kernels (``mma_sp.py``, compiled
-  with nvcc on first use; if that fails, a warning and the Triton paths below): the tiled kernel
-  up to 128 tokens (``MMA_SP_*`` below); above that a Triton expansion of the same layout into a transient dense buffer, then
-  cuBLAS.
+  (sm_90): such a weight holds only the mma.sp layout on the GPU (``Nm24State``), run by the
+  sparse-tensor-core CUDA kernels (``mma_sp.py``, compiled with nvcc on first use; if that fails, a
+  warning and the Triton paths below): the skinny kernel up to ``SKINNY_TOKENS`` tokens, the tiled
+  kernel up to 128 (``MMA_SP_TOKENS``); above that a Triton expansion of the same layout into a
+  transient dense buffer, then cuBLAS.
 - other 'nm24' int4/int8 codes (asymmetric, other groups that are a multiple of 32), or no
   mma.sp kernel here, float16/bfloat16 activations on CUDA: the Triton decode kernel up to ``DECODE_MAX_TOKENS`` tokens (its fp16 path
   is inline PTX); above that either the Triton prefill kernel (tiles expanded in registers +
@@ -32,27 +31,24 @@ from . import reference  # noqa: F401  (part of the public kernel API)
 
 #: Largest token count sent to the decode kernel (measured crossover on an H100: 8 to 16).
 DECODE_MAX_TOKENS = 8
-#: Token counts sent to the tiled sparse-tensor-core CUDA kernel (mma_sp.py) when a weight is prepared
-#: for it. Such a state holds only the mma.sp layout (one copy of the weight), so 1 token runs there
-#: too where the decode kernel over that layout is not faster (DECODE_MMA_* below; the Triton-layout
-#: decode kernel would need a second layout: benchmarks/KERNEL_NOTES.md, "One layout per weight"); 2-32 tokens it beats every
-#: other path (8 tokens 1.85x fp16, 32 tokens 0.99x vs 0.51x Triton); above 128 tokens the mma.sp
-#: layout is expanded once and multiplied by cuBLAS (512 tokens: expand + cuBLAS 0.67x vs 0.39x).
+#: Token counts sent to the skinny sparse-tensor-core CUDA kernel (``MmaSpState.skinny``: a warp per
+#: 16-row tile and K slice, K slices added in shared memory, no global split-K) when a weight holds
+#: the mma.sp layout. H100, five LLaMA shapes, geomean vs cuBLAS fp16 (benchmarks/bench_skinny.py,
+#: BENCHMARKS.md "Skinny mma.sp kernel", runs 1-2): 1 token 3.4x against 2.58x for the previous
+#: dispatch (decode over the mma.sp layout / tiled kernel), 2 tokens 2.97x vs 2.21x, 4 tokens 2.64x
+#: vs 2.18x, 5 tokens 2.42x vs 2.20x; 6 tokens even (2.19x vs 2.18x), 8 tokens tiled (2.12x vs 1.96x).
+#: Tall weights (N >= SKINNY_TALL_N) only up to SKINNY_TALL_TOKENS: at 5 tokens the tiled kernel was
+#: as fast or faster on all four of them (14336x4096 17.4 vs 19.2 us, 22016x4096 23.2 vs 24.5).
+SKINNY_TOKENS = 5
+SKINNY_TALL_TOKENS = 4
+SKINNY_TALL_N = 8192
+#: Token counts sent to the tiled sparse-tensor-core CUDA kernel (mma_sp.py) above SKINNY_TOKENS.
+#: Such a state holds only the mma.sp layout (one copy of the weight: the Triton-layout kernels
+#: would need a second one, benchmarks/KERNEL_NOTES.md, "One layout per weight"); above 128 tokens
+#: the layout is expanded once and multiplied by cuBLAS (512 tokens: expand + cuBLAS 0.67x vs 0.39x).
+#: The decode kernel over the mma.sp layout (triton_decode_mma.py) is no longer dispatched: the
+#: skinny kernel is faster on every measured shape at 1 token (e.g. 4096x4096 5.7-6.0 vs 9.0 us).
 MMA_SP_TOKENS = (1, 128)
-#: A weight holding the mma.sp layout runs up to DECODE_MMA_MAX_TOKENS tokens through the decode
-#: kernel over that layout (triton_decode_mma.py) instead of the tiled kernel when it has at most
-#: DECODE_MMA_MAX_K input features. H100 runs 3-4 (BENCHMARKS.md, "Decode over the mma.sp
-#: layout"), 1 token: K = 4096 as fast or faster (4096x4096 0.97-1.00x, 11008x4096 1.16x,
-#: 14336x4096 1.20x, QKV 12288x4096 1.30x, gate/up 22016x4096 1.03x), K = 11008 / 14336 slower
-#: (0.93-0.97x); 2 tokens slower on 5 of 7 shapes, 4 tokens 0.46-0.86x.
-DECODE_MMA_MAX_TOKENS = 1
-DECODE_MMA_MAX_K = 4096
-#: From this token count on, the tiled kernel only for weights of at least MMA_SP_LARGE_MIN_WEIGHTS
-#: entries. 0 since the second tiled kernel: on 4096x4096, the one LLaMA shape the old rule sent to
-#: expand + cuBLAS, it took 25.8 / 24.7 us at 64 / 128 tokens against 25.8 / 26.9 us for expand +
-#: cuBLAS in the same H100 run (KERNEL_NOTES.md, "Tiled mma.sp kernel, second version").
-MMA_SP_LARGE_TOKENS = 33
-MMA_SP_LARGE_MIN_WEIGHTS = 0
 #: Many-token path: "auto", "expand" (dense buffer + cuBLAS) or "triton" (tl.dot prefill kernel).
 #: "auto" takes the Triton kernel up to 32 tokens on wide outputs (N >= 8192), where it measured
 #: faster than expanding (83 vs 100-131 us at 16 tokens), and expand + cuBLAS everywhere else.
@@ -84,11 +80,6 @@ class Nm24State:
         self.layout = layout  # Triton layout, or None
         self.mma = mma  # mma.sp state, or None
         self.workspace = None
-        self.decode_ws = None  # split-K counters of the mma.sp-layout decode kernel
-        if mma is not None:
-            from .triton_decode_mma import DecodeMmaWorkspace
-
-            self.decode_ws = DecodeMmaWorkspace(mma.layout.n, self.device)
         if layout is not None:
             from .triton_decode import DecodeWorkspace
 
@@ -117,12 +108,9 @@ class Nm24State:
     def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
         m = x2d.shape[0]
         if self.mma is not None:
-            if 1 <= m <= DECODE_MMA_MAX_TOKENS and self.k <= DECODE_MMA_MAX_K:
-                from .triton_decode_mma import decode_mma_linear
-
-                return decode_mma_linear(x2d, self.mma.layout, self.decode_ws)
-            if MMA_SP_TOKENS[0] <= m <= MMA_SP_TOKENS[1] and (
-                    m < MMA_SP_LARGE_TOKENS or self.n * self.k >= MMA_SP_LARGE_MIN_WEIGHTS):
+            if 1 <= m <= (SKINNY_TOKENS if self.n < SKINNY_TALL_N else SKINNY_TALL_TOKENS):
+                return self.mma.skinny(x2d)
+            if MMA_SP_TOKENS[0] <= m <= MMA_SP_TOKENS[1]:
                 return self.mma(x2d)
             from .triton_expand import expand_mma_linear
 

@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 CUDA_DIR = Path(__file__).parent / "cuda"
-SOURCES = [CUDA_DIR / "mma_sp.cu", CUDA_DIR / "mma_sp_tiled.cu"]
+SOURCES = [CUDA_DIR / "mma_sp.cu", CUDA_DIR / "mma_sp_tiled.cu", CUDA_DIR / "mma_sp_skinny.cu"]
 HEADERS = [CUDA_DIR / "mma_sp_common.cuh"]
 ARCH = "-gencode=arch=compute_90a,code=sm_90a"
 COMPILE_FLAGS = ["-O3", "-std=c++17", ARCH, "-Xcompiler", "-fPIC", "-c"]
@@ -103,6 +103,12 @@ def library() -> ctypes.CDLL:
     lib.sq_mma_sp_tile_info.restype = i
     lib.sq_mma_sp_tile_rows.argtypes = [i]
     lib.sq_mma_sp_tile_rows.restype = i
+    lib.sq_mma_sp_skinny.argtypes = [p, p, p, p, p, i, i, i, i, i, i, i, i, i, i, p]
+    lib.sq_mma_sp_skinny.restype = i
+    lib.sq_mma_sp_skinny_info.argtypes = [i, ctypes.POINTER(i), ctypes.POINTER(i)]
+    lib.sq_mma_sp_skinny_info.restype = i
+    lib.sq_mma_sp_skinny_occupancy.argtypes = [i, i, i, i, ctypes.POINTER(i)]
+    lib.sq_mma_sp_skinny_occupancy.restype = i
     lib.sq_mma_sp_probe.argtypes = [p, p, p]
     lib.sq_mma_sp_probe.restype = i
     lib.sq_cuda_error_string.argtypes = [i]

@@ -8,6 +8,11 @@ with ``x [M, K]`` launches one kernel:
   ``plan_for`` picks the tile configuration (index into the table in mma_sp_tiled.cu, mirrored in
   ``TILES``) and the split-K factor from the token count and the weight's shape (fitted to
   measurements, benchmarks/KERNEL_NOTES.md);
+- ``MmaSpState.skinny`` (1-8 tokens): one warp per 16-row tile and K slice, each warp streaming
+  its slice through its own ring of shared-memory slots (cp.async), the K slices of a row tile
+  added in shared memory at the end: no global split-K workspace, atomics or fix-up. ``skinny_plan``
+  picks the K slices per row tile and the (warps, ring depth) configuration (``SKINNY_CONFIGS``,
+  the table in mma_sp_skinny.cu);
 - ``MmaSpState.direct``: the first kernel, B fragments straight from global memory (``config_for``
   picks NT n-tiles of 8 tokens per warp and WR row tiles per block); no longer dispatched (slower
   than the tiled one from 2 tokens on, BENCHMARKS.md), kept for comparison in the benchmark.
@@ -127,6 +132,52 @@ def plan_for(m: int, rt: int, s: int, max_splits: int = 16) -> tuple[int, int]:
     return tile, splits_for(tile, -(-rt // rtb) * -(-m // bm), s, max_splits)
 
 
+#: Most tokens the skinny kernel takes (one 8-token n-tile of mma.sp).
+SKINNY_MAX_TOKENS = 8
+#: (warps per block, ring depth) of the skinny configurations by index: the table in
+#: mma_sp_skinny.cu, mirrored so the planner is plain Python (a GPU test checks it).
+SKINNY_CONFIGS = ((8, 8), (8, 4), (16, 8), (16, 4), (4, 4), (8, 2), (8, 3), (16, 2))
+#: Shared memory a block may opt in to on an H100 (227 KB); the planner keeps a block at half of it
+#: so that two blocks share an SM.
+SMEM_OPTIN = 227 * 1024
+#: The configuration the planner uses: 8 warps, a ring of 4 slots per warp (H100 run 1 of
+#: bench_skinny.py: best or within a few % of the best of the 4 configurations x K slices on 25 of
+#: the 28 (shape, tokens) points).
+SKINNY_CFG = 1
+#: At 1 token, weights with at least this many row tiles (N >= 8192) ran fastest with 4 K slices (2
+#: row tiles per block), with at least SKINNY_TALLER_ROW_TILES (N >= 14336) with 2 (4 row tiles per
+#: block), the others with 8 (H100 runs 1-2 of bench_skinny.py; e.g. 22016x4096: 16.8 / 19.4 / 18.5
+#: us with 2 / 4 / 8 slices, 11008x4096: 12.1 / 10.3 / 11.5).
+SKINNY_TALL_ROW_TILES = 512
+SKINNY_TALLER_ROW_TILES = 896
+
+
+def skinny_smem_bytes(bits: int, m: int, cfg: int) -> int:
+    """Dynamic shared memory of skinny configuration ``cfg`` for ``m`` tokens (mirrors SlotShape)."""
+    warps, depth = SKINNY_CONFIGS[cfg]
+    x_off = 32 * (4 if bits == 4 else 8) * 4 + 256 + 128
+    slot = -(-(x_off + m * 272) // 128) * 128
+    return 256 + max(warps * depth * slot, warps * 32 * 16)
+
+
+def skinny_plan(m: int, rt: int, s: int, bits: int = 4) -> tuple[int, int]:
+    """(configuration, K slices per row tile) of the skinny kernel for ``m`` tokens on a weight of
+    ``rt`` row tiles and ``s`` super-tiles (fitted to the H100 sweep, benchmarks/KERNEL_NOTES.md,
+    "Skinny mma.sp kernel": within 1% of the sweep's best geomean at 1-8 tokens).
+
+    8 K slices (one row tile per 8-warp block), at 1 token 4 or 2 on tall weights; never more slices
+    than super-tiles.
+    """
+    if not 1 <= m <= SKINNY_MAX_TOKENS:
+        raise ValueError(f"the skinny kernel takes 1..{SKINNY_MAX_TOKENS} tokens, got {m}")
+    kw = 8
+    if m == 1 and rt >= SKINNY_TALL_ROW_TILES:
+        kw = 2 if rt >= SKINNY_TALLER_ROW_TILES else 4
+    while kw > 1 and kw > s:
+        kw //= 2
+    return SKINNY_CFG, kw
+
+
 class MmaSpState:
     """A 2:4 int4/int8 weight prepared for the mma.sp kernels."""
 
@@ -196,6 +247,31 @@ class MmaSpState:
             lay.qw.data_ptr(), lay.meta.data_ptr(), lay.sc.data_ptr(), x2d.data_ptr(), y.data_ptr(),
             ws.data_ptr() if splits > 1 else None, self.cnt.data_ptr() if splits > 1 else None,
             m, lay.n, lay.k, lay.rt, lay.s, lay.bits, int(self.dtype == torch.bfloat16), lay.gps, tile, splits, stream)
+        cuda_build.check(rc)
+        return y
+
+    def skinny(self, x2d: torch.Tensor, out: torch.Tensor | None = None, cfg: int | None = None,
+               kw: int | None = None) -> torch.Tensor:
+        """``x2d @ W^T`` for 1..8 tokens through the skinny kernel (``cfg``/``kw`` override the plan)."""
+        x2d, y = self._check(x2d, out)
+        m = x2d.shape[0]
+        if m == 0:
+            return y
+        lay = self.layout
+        if m > SKINNY_MAX_TOKENS:
+            raise ValueError(f"the skinny kernel takes at most {SKINNY_MAX_TOKENS} tokens, got {m}")
+        pcfg, pkw = skinny_plan(m, lay.rt, lay.s, lay.bits)
+        cfg = pcfg if cfg is None else cfg
+        kw = pkw if kw is None else kw
+        if not 0 <= cfg < len(SKINNY_CONFIGS):
+            raise ValueError(f"unknown skinny configuration {cfg}")
+        warps = SKINNY_CONFIGS[cfg][0]
+        if kw < 1 or warps % kw:
+            raise ValueError(f"K slices must divide the block's {warps} warps, got {kw}")
+        stream = torch.cuda.current_stream(x2d.device).cuda_stream
+        rc = self.lib.sq_mma_sp_skinny(
+            lay.qw.data_ptr(), lay.meta.data_ptr(), lay.sc.data_ptr(), x2d.data_ptr(), y.data_ptr(),
+            m, lay.n, lay.k, lay.rt, lay.s, lay.bits, int(self.dtype == torch.bfloat16), lay.gps, cfg, kw, stream)
         cuda_build.check(rc)
         return y
 
