@@ -80,7 +80,7 @@ def greedy_check(got, want, prompts, ref32) -> dict:
     info["ok"] = all(abs(d["ref_logit_gap"]) < NEAR_TIE for d in info["divergences"])
     return info
 @torch.no_grad()
-def correctness(results: dict, embed_int8: bool = False) -> bool:
+def correctness(results: dict, embed_int8: bool = False, head_int8: bool = False) -> bool:
     from transformers import AutoModelForCausalLM
 
     checks = results.setdefault("checks", {})
@@ -137,17 +137,20 @@ def correctness(results: dict, embed_int8: bool = False) -> bool:
                                                    "equal_tokens_per_prompt": [sum(a == b for a, b in zip(x, y))
                                                                                for x, y in zip(t_comp, t_plain)]}
 
-    if embed_int8:  # the same checkpoint with an int8 input embedding: GPU (compiled graph) vs CPU reference
-        ref8, _ = sq.load(tmp / "ck", dtype=torch.float16, embed_int8=True, fuse=False)
-        ref8_32, _ = sq.load(tmp / "ck", embed_int8=True, fuse=False)
-        fast8, _ = sq.load(tmp / "ck", device="cuda", embed_int8=True)
+    if embed_int8 or head_int8:  # the same checkpoint with int8 tables: GPU (compiled graph) vs CPU reference
+        opts = dict(embed_int8=embed_int8, head_int8=head_int8)
+        ref8, _ = sq.load(tmp / "ck", dtype=torch.float16, fuse=False, **opts)
+        ref8_32, _ = sq.load(tmp / "ck", fuse=False, **opts)
+        fast8, _ = sq.load(tmp / "ck", device="cuda", **opts)
         t8_ref = generate(ref8, prompts, max_new_tokens=32, eos_token_id=[]).tokens
         t8_gpu = generate(fast8, prompts, max_new_tokens=32, eos_token_id=[]).tokens
-        emb = fast8.get_input_embeddings()
+        tables = [m for m in (fast8.get_input_embeddings() if embed_int8 else None,
+                              fast8.get_output_embeddings() if head_int8 else None) if m is not None]
         info8 = greedy_check(t8_gpu, t8_ref, prompts, ref8_32)
-        info8["ok"] = info8["ok"] and emb.codes.is_cuda and emb.codes.dtype == torch.int8
-        info8["equal_tokens_to_fp16_embedding"] = [sum(a == b for a, b in zip(x, y)) for x, y in zip(t8_gpu, t_gpu)]
-        checks["int8_embedding_greedy_gpu_vs_cpu_reference"] = info8
+        info8["ok"] = info8["ok"] and all(m.codes.is_cuda and m.codes.dtype == torch.int8 for m in tables)
+        info8["equal_tokens_to_fp16_tables"] = [sum(a == b for a, b in zip(x, y)) for x, y in zip(t8_gpu, t_gpu)]
+        name = "_".join(n for n, on in (("embedding", embed_int8), ("head", head_int8)) if on)
+        checks[f"int8_{name}_greedy_gpu_vs_cpu_reference"] = info8
         del fast8
 
     # 2:4 fp8 W8A8 twin of a dense fp16 tiny model: within fp8 tolerance of its W8A16 reference
@@ -172,13 +175,13 @@ def correctness(results: dict, embed_int8: bool = False) -> bool:
 # -- 2. speed -------------------------------------------------------------------------------
 def _twins(dense, args, suffix: str, meta: dict, fp8: bool = True) -> dict:
     """The compressed engines built from ``dense`` (fused or not), named ``<engine><suffix>``."""
-    sparse, pack_s = syn.sparse_twin(dense, "2:4-w4a16", embed_int8=args.embed_int8)
+    sparse, pack_s = syn.sparse_twin(dense, "2:4-w4a16", embed_int8=args.embed_int8, head_int8=args.head_int8)
     meta[f"pack_seconds_w4a16{suffix}"] = pack_s
     out = {"sparse" + suffix: sparse}
     if fp8 and not args.no_fp8 and args.device == "cuda":
         try:
             out["sparse-fp8" + suffix], meta[f"pack_seconds_fp8{suffix}"] = syn.sparse_twin(
-                dense, "2:4-fp8", embed_int8=args.embed_int8)
+                dense, "2:4-fp8", embed_int8=args.embed_int8, head_int8=args.head_int8)
         except Exception as exc:  # report and go on with the other engines
             meta["fp8_error"] = f"{type(exc).__name__}: {exc}"
             log(f"2:4 fp8 twin failed: {meta['fp8_error']}")
@@ -194,12 +197,14 @@ def speed(args, results: dict, save=lambda: None):
         + (", q/k/v and gate/up fused" if args.fuse else ", projections unfused"))
     dense = syn.build_dense(cfg, device=args.device, dtype=torch.float16, seed=0)
     if args.fuse:
-        fuse_projections(dense)  # the compressed twins mirror it
+        fuse_projections(dense, decode_attention=args.decode_attention)  # the compressed twins mirror it
     meta = {"model": f"{args.config} ({cfg.num_hidden_layers} layers)", "config": args.config,
-            "layers": cfg.num_hidden_layers, "embed_int8": args.embed_int8, "fused": args.fuse}
+            "layers": cfg.num_hidden_layers, "embed_int8": args.embed_int8, "head_int8": args.head_int8,
+            "fused": args.fuse,
+            "decode_attention": "triton" if args.fuse and args.decode_attention else "sdpa"}
     engines = _twins(dense, args, "", meta)
     log(f"2:4 W4A16 g128 packing + kernel layout: {meta['pack_seconds_w4a16']:.1f} s for {cfg.num_hidden_layers} layers"
-        + (" (int8 input embedding)" if args.embed_int8 else ""))
+        + (" (int8 input embedding)" if args.embed_int8 else "") + (" (int8 LM head)" if args.head_int8 else ""))
     if args.time_dense:
         engines["dense"] = dense
     if not args.no_hf:
@@ -216,7 +221,15 @@ def speed(args, results: dict, save=lambda: None):
     if args.gqa_compare:  # fused projections, sdpa_attention (no repeat_kv) instead of transformers' SDPA
         other = syn.build_dense(cfg, device=args.device, dtype=torch.float16, seed=0)
         fuse_projections(other, gqa_rows=True)
-        unfused["sparse-gqarows"], _ = syn.sparse_twin(other, "2:4-w4a16", embed_int8=args.embed_int8)
+        unfused["sparse-gqarows"], _ = syn.sparse_twin(other, "2:4-w4a16", embed_int8=args.embed_int8, head_int8=args.head_int8)
+        del other
+    if args.attn_compare:  # the same weights, the other attention at one query token
+        other = syn.build_dense(cfg, device=args.device, dtype=torch.float16, seed=0)
+        fuse_projections(other, decode_attention=not args.decode_attention)
+        tag = "-sdpa" if args.decode_attention else "-tritonattn"
+        unfused["sparse" + tag], _ = syn.sparse_twin(other, "2:4-w4a16", embed_int8=args.embed_int8, head_int8=args.head_int8)
+        if args.time_dense:
+            unfused["dense" + tag] = other
         del other
     dense_bytes = syn.weight_bytes_on(dense, args.device)
     everything = {**engines, **unfused}
@@ -237,6 +250,7 @@ def speed(args, results: dict, save=lambda: None):
                              repeats=args.repeats, hf_tokens=args.hf_tokens, budget_s=args.budget_s)
     meta["settings"] = {k: getattr(settings, k) for k in settings.__dataclass_fields__}
     meta["compile"] = "compare" if args.compile_compare else args.compile
+    meta["compile_prefill_only_lengths"] = bool(args.compile_prefill)
     from sparsequant.commands.bench import with_compile_options
 
     # Phases, most informative first; each gets what is left of --budget-s: batch by batch, the
@@ -262,6 +276,8 @@ def speed(args, results: dict, save=lambda: None):
         left = None if args.budget_s is None else max(0.0, args.budget_s - (time.perf_counter() - t0))
         st = BenchSettings(**{**{k: getattr(st, k) for k in st.__dataclass_fields__}, "budget_s": left})
         runs = with_compile_options(group, args.compile, args.compile_compare)
+        if prefill_only and args.compile_prefill:  # every engine's prefill through torch.compile (same in each)
+            runs = {n: (e[0], {**e[1], "compile_prefill": True}) if isinstance(e, tuple) else e for n, e in runs.items()}
         part = run_bench(runs, st, meta=meta, log=log, prefill_only=prefill_only)
         report.rows.extend(part.rows)
         results["bench"] = report.to_dict()
@@ -343,6 +359,9 @@ def main(argv=None) -> int:
     p.add_argument("--embed-int8", action="store_true",
                    help="sparse engines hold the input embedding as int8 rows + per-row scales "
                    "(weight memory counts codes + scales; the correctness phase also checks it)")
+    p.add_argument("--head-int8", action="store_true",
+                   help="sparse engines hold the LM head as int8 rows + per-row scales (nn/int8_linear.py; the "
+                   "dense engine keeps fp16; the correctness phase also checks it)")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                    help="q/k/v and gate/up stacked into one linear each in every engine (default; models/fused.py)")
     p.add_argument("--fuse-compare", type=lambda s: [x for x in s.split(",") if x], default=[],
@@ -351,6 +370,12 @@ def main(argv=None) -> int:
     p.add_argument("--gqa-compare", action="store_true",
                    help="also time 'sparse-gqarows': fused projections with models/attention.sdpa_attention "
                    "(no repeat_kv of the KV cache) instead of transformers' SDPA, at --compare-batch")
+    p.add_argument("--decode-attention", action=argparse.BooleanOptionalAction, default=True,
+                   help="fused engines attend for one query token with the split-KV Triton kernel "
+                   "(kernels/triton_attention.py; default) instead of PyTorch's SDPA")
+    p.add_argument("--attn-compare", action="store_true",
+                   help="also time 'sparse-sdpa' and 'dense-sdpa' (or '-tritonattn' with --no-decode-attention): "
+                   "the same weights with the other one-token attention, at --compare-batch")
     p.add_argument("--compare-batch", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="batches at which the -unfused engines decode (default: --batch)")
     p.add_argument("--prefill-only-len", type=lambda s: [int(x) for x in s.split(",")], default=[],
@@ -358,6 +383,9 @@ def main(argv=None) -> int:
     p.add_argument("--time-dense", action=argparse.BooleanOptionalAction, default=True,
                    help="time the dense fp16 engine (--no-time-dense: build it for the twins and the byte "
                    "ratios only, e.g. to compare fused and unfused sparse engines within a short budget)")
+    p.add_argument("--compile-prefill", action="store_true",
+                   help="the prefill-only lengths run a torch.compiled prefill (one compilation per engine and length) "
+                   "in every engine; the decode phases keep the default")
     p.add_argument("--prefill-only-batch", type=lambda s: [int(x) for x in s.split(",")], default=[1])
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--device", default="cuda", help="cpu: a dry run of the timing phase (tests; no correctness phase)")
@@ -374,7 +402,7 @@ def main(argv=None) -> int:
     ok = True
     if not args.skip_correctness and args.device == "cuda":
         try:
-            ok = correctness(results, args.embed_int8)
+            ok = correctness(results, args.embed_int8, args.head_int8)
         except Exception:
             ok = False
             results["correctness_error"] = traceback.format_exc()

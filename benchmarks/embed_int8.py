@@ -1,4 +1,4 @@
-"""Int8 input embedding (issue 7's weight-memory target): accuracy on the default model, bytes of the
+"""Int8 input embedding and int8 LM head (issue 7): accuracy on the default model, bytes of the
 LLaMA-2-7B shape. CPU only.
 
     python benchmarks/embed_int8.py --threads 1 --out runs/embed_int8.json
@@ -7,7 +7,9 @@ LLaMA-2-7B shape. CPU only.
    (20 x 1024 tokens): dense, then the input embedding stored as int8 rows + one float16 scale per
    row (nn/embedding.py). The default model ties its LM head to the embedding, which an int8 table
    cannot serve (the head would lose its weight), so the int8 model is an untied copy: the head keeps
-   the original float table, only the lookups go through int8.
+   the original float table, only the lookups go through int8. Then the LM head as int8 rows too
+   (nn/int8_linear.py), and the int8 head alone on a fresh copy of the (tied) model: the head gets its
+   own int8 table, the lookups keep the float one.
 2. Bytes: a 1-layer LLaMA-2-7B-shaped model (real widths, random fp16 weights on the CPU) and its
    2:4 W4A16 g128 sparse twin with and without the int8 embedding, counted by
    ``runtime.synthetic.weight_bytes_on``; the 32-layer model is the 1-layer one with its layer
@@ -31,6 +33,7 @@ from sparsequant.data.windows import evaluation_windows, fingerprint  # noqa: E4
 from sparsequant.eval.perplexity import perplexity  # noqa: E402
 from sparsequant.models.loading import load_model  # noqa: E402
 from sparsequant.nn.embedding import Int8Embedding, quantize_input_embedding  # noqa: E402
+from sparsequant.nn.int8_linear import Int8Linear, quantize_lm_head  # noqa: E402
 from sparsequant.nn.linear import SparseQuantLinear  # noqa: E402
 from sparsequant.runtime import synthetic as syn  # noqa: E402
 
@@ -63,6 +66,13 @@ def accuracy(n_windows: int, seq_len: int) -> dict:
     t0 = time.perf_counter()
     out["ppl_int8_embedding"] = perplexity(model, windows, progress=False)
     out["seconds_int8"] = time.perf_counter() - t0
+    quantize_lm_head(model, torch.float32)
+    out["ppl_int8_embedding_and_head"] = perplexity(model, windows, progress=False)
+    fresh, _ = load_model(None, dtype=torch.float32, quiet=True)
+    h = quantize_lm_head(fresh, torch.float32)
+    out["head"] = {"shape": [h.out_features, h.in_features], "scale_dtype": str(h.scales.dtype),
+                   "tied_source": out["tied"]}
+    out["ppl_int8_head"] = perplexity(fresh, windows, progress=False)
     return out
 
 
@@ -71,7 +81,7 @@ def _parts(model) -> dict:
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     lin = [m for m in model.modules() if isinstance(m, SparseQuantLinear)]
     e = emb.nbytes() if isinstance(emb, Int8Embedding) else emb.weight.numel() * emb.weight.element_size()
-    h = head.weight.numel() * head.weight.element_size()
+    h = head.nbytes() if isinstance(head, Int8Linear) else head.weight.numel() * head.weight.element_size()
     if lin:
         l_bytes = sum(m.packed.nbytes() + (0 if m.bias is None else m.bias.numel() * m.bias.element_size()) for m in lin)
     else:
@@ -86,8 +96,10 @@ def memory(layers_full: int = 32) -> dict:
     dense = syn.build_dense(cfg, device="cpu", dtype=torch.float16, seed=0)
     plain, _ = syn.sparse_twin(dense, "2:4-w4a16")
     small, _ = syn.sparse_twin(dense, "2:4-w4a16", embed_int8=True)
+    smaller, _ = syn.sparse_twin(dense, "2:4-w4a16", embed_int8=True, head_int8=True)
     rows = {}
-    for name, m in (("dense fp16", dense), ("2:4 W4A16", plain), ("2:4 W4A16 + int8 embedding", small)):
+    for name, m in (("dense fp16", dense), ("2:4 W4A16", plain), ("2:4 W4A16 + int8 embedding", small),
+                    ("2:4 W4A16 + int8 embedding + int8 head", smaller)):
         p = _parts(m)
         # 32 layers: the layer's linears (and its norms, inside "other" minus the final norm) times 32
         final_norm = m.model.norm.weight.numel() * m.model.norm.weight.element_size()
@@ -126,12 +138,13 @@ def main(argv=None) -> int:
         for name, r in res["memory"]["rows"].items():
             extra = f", {r['model_ratio_with_h100_linears']:.4f}x with the H100 kernel layout" \
                 if "model_ratio_with_h100_linears" in r else ""
-            print(f"{name:28s} model {r['model_ratio_vs_fp16']:.4f}x fp16 (linears {r['linear_ratio_vs_fp16']:.4f}x)"
+            print(f"{name:40s} model {r['model_ratio_vs_fp16']:.4f}x fp16 (linears {r['linear_ratio_vs_fp16']:.4f}x)"
                   f"{extra}; {r['scaled']['total'] / 1e9:.3f} GB", flush=True)
     if not args.skip_accuracy:
         res["accuracy"] = a = accuracy(args.windows, args.seq_len)
         print(f"perplexity {a['windows']} windows: dense {a['ppl_dense']:.4f}, int8 input embedding "
-              f"{a['ppl_int8_embedding']:.4f}; embedding max |err| {a['embedding']['max_abs_err']:.3g}, "
+              f"{a['ppl_int8_embedding']:.4f}, int8 embedding + head {a['ppl_int8_embedding_and_head']:.4f}, "
+              f"int8 head alone {a['ppl_int8_head']:.4f}; embedding max |err| {a['embedding']['max_abs_err']:.3g}, "
               f"relative {a['embedding']['rel_fro_err']:.3g}", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

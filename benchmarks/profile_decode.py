@@ -32,6 +32,8 @@ def main(argv=None) -> int:
                    help="profile the torch.compiled step (default: the uncompiled one)")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                    help="q/k/v and gate/up fused into one linear each, as the engine runs by default")
+    p.add_argument("--decode-attention", action=argparse.BooleanOptionalAction, default=True,
+                   help="fused attention for one query token through kernels/triton_attention.py (default) or SDPA")
     p.add_argument("--out", default=os.environ.get("OUT"))
     args = p.parse_args(argv)
 
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
     if args.fuse:
         from sparsequant.models.fused import fuse_projections
 
-        fuse_projections(model)  # a sparse twin mirrors it
+        fuse_projections(model, decode_attention=args.decode_attention)  # a sparse twin mirrors it
     if args.scheme != "dense":
         model, _ = syn.sparse_twin(model, args.scheme)
     eng = DecodeEngine(model, args.batch, args.max_len, cuda_graph=False, compile=args.compile)
@@ -85,7 +87,8 @@ def main(argv=None) -> int:
     print(f"graph replay step: {graph_us:.0f} us ({graph_us / args.layers:.0f} us per layer)")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"profile_{args.scheme.replace(':', '')}_b{args.batch}{'_compiled' if args.compile else ''}.json")
+        tag = f"{args.scheme.replace(':', '')}_b{args.batch}{'_compiled' if args.compile else ''}"
+        path = os.path.join(args.out, f"profile_{tag}{'' if args.decode_attention else '_sdpa'}_L{args.max_len}.json")
         with open(path, "w") as f:
             json.dump({"config": args.config, "layers": args.layers, "scheme": args.scheme, "batch": args.batch, "compile": args.compile,
                        "kernels_per_step": len(events) / args.steps, "gpu_us_per_step": total,

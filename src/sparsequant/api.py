@@ -32,14 +32,17 @@ def save(result: CompressionResult, out, tokenizer=None, overwrite: bool = False
     return save_checkpoint(result, out, tokenizer=tokenizer, extra=extra, overwrite=overwrite)
 
 
-def load(path, device="cpu", dtype: torch.dtype | None = None, embed_int8: bool = False, fuse: bool = True):
+def load(path, device="cpu", dtype: torch.dtype | None = None, embed_int8: bool = False, fuse: bool = True,
+         head_int8: bool = False):
     """Load a compressed checkpoint: ``(model, tokenizer)``; linears are SparseQuantLinear modules.
 
     On ``"cuda"`` the compressed linears hold only their packed weights in the GPU kernels' layout
     (dense weights are never built there) and compute in float16 (or ``dtype``); on the CPU they
     run the exact reference path in the dtype recorded at compression time. ``embed_int8`` keeps the
     input embedding as int8 rows with one scale per row (half its fp16 bytes; lookups dequantize
-    only the rows they gather); refused for tied embeddings. ``fuse`` (default) stacks each layer's
+    only the rows they gather); refused for tied embeddings. ``head_int8`` keeps the LM head as int8 rows
+    with one scale per row too (``nn/int8_linear.py``: half the bytes of the largest read of a decode
+    step, computed by a W8A16 kernel on CUDA). ``fuse`` (default) stacks each layer's
     q/k/v and gate/up linears into one linear each before placement (``models/fused.py``; the
     checkpoint is unchanged, and groups that cannot be stacked exactly stay separate).
     """
@@ -47,7 +50,7 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, embed_int8: bool 
     from .models.fused import fuse_projections
 
     model, tokenizer, _ = load_checkpoint(path, device=device, dtype=dtype, embed_int8=embed_int8,
-                                          transform=fuse_projections if fuse else None)
+                                          transform=fuse_projections if fuse else None, head_int8=head_int8)
     return model, tokenizer
 
 

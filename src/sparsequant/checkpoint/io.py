@@ -125,7 +125,7 @@ def _read_tensors(path: Path, expected_sha: str | None, verify: bool) -> dict[st
 
 
 def load_checkpoint(path, device="cpu", verify: bool = True, dtype: torch.dtype | None = None,
-                    embed_int8: bool = False, transform=None):
+                    embed_int8: bool = False, transform=None, head_int8: bool = False):
     """Rebuild ``(model, tokenizer, meta)`` from a checkpoint folder.
 
     Compressed linears become SparseQuantLinear modules holding the packed tensors; everything
@@ -136,7 +136,8 @@ def load_checkpoint(path, device="cpu", verify: bool = True, dtype: torch.dtype 
     compressed linear gets its kernel state built once, and only the kernel's copy of its packed
     bits lives there (``nn.convert.place_on_device``). ``embed_int8`` stores the input embedding as
     int8 rows + one scale per row (``nn/embedding.py``), quantized here from the stored table; a
-    checkpoint with tied embeddings is refused. ``transform(model, device, dtype)`` runs on the
+    checkpoint with tied embeddings is refused. ``head_int8`` stores the LM head the same way
+    (``nn/int8_linear.py``; a tied head gets its own int8 copy of the table). ``transform(model, device, dtype)`` runs on the
     loaded model just before it moves to ``device`` (``api.load`` fuses projections there).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -186,6 +187,10 @@ def load_checkpoint(path, device="cpu", verify: bool = True, dtype: torch.dtype 
     if empty:
         raise CheckpointError(f"checkpoint leaves tensors without values: {empty[:5]}{'...' if len(empty) > 5 else ''}")
     model.eval()
+    if head_int8:
+        from ..nn.int8_linear import quantize_lm_head
+
+        quantize_lm_head(model, compute_dtype)  # before the move, like the embedding below
     if embed_int8:
         from ..nn.embedding import quantize_input_embedding
 

@@ -54,6 +54,9 @@ def add_parser(subparsers, common_parent):
     p.add_argument("--embed-int8", action="store_true",
                    help="the sparse engines hold the input embedding as int8 rows + one scale per row "
                    "(the dense baseline keeps fp16); refused for tied embeddings")
+    p.add_argument("--head-int8", action="store_true",
+                   help="the sparse engines hold the LM head as int8 rows + one scale per row (a W8A16 kernel; "
+                   "the dense baseline keeps fp16)")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                    help="every engine's model with q/k/v and gate/up stacked into one linear each (default; "
                    "--no-fuse keeps them separate)")
@@ -80,7 +83,7 @@ def build_engines(args, device, log=print):
     t0 = time.perf_counter()
     if is_checkpoint(args.model):
         sparse, _ = api.load(args.model, device=device, dtype=torch.float16, embed_int8=args.embed_int8,
-                             fuse=args.fuse)
+                             fuse=args.fuse, head_int8=args.head_int8)
         dense = syn.dense_twin(sparse)
         meta["source"] = "checkpoint"
         fp8 = None
@@ -91,19 +94,21 @@ def build_engines(args, device, log=print):
             from ..models.fused import fuse_projections
 
             fuse_projections(dense)
-        sparse, pack_s = syn.sparse_twin(dense, args.scheme, embed_int8=args.embed_int8)
+        sparse, pack_s = syn.sparse_twin(dense, args.scheme, embed_int8=args.embed_int8, head_int8=args.head_int8)
         meta.update(source="synthetic", scheme=args.scheme, layers=cfg.num_hidden_layers,
                     full_layers=syn.CONFIGS[args.model]["num_hidden_layers"], pack_seconds=pack_s)
         fp8 = None
         if (wanted is None and device.type == "cuda") or (wanted and "sparse-fp8" in wanted):
             if device.type != "cuda":
                 raise SparseQuantError("the sparse-fp8 engine needs a CUDA device")
-            fp8, meta["pack_seconds_fp8"] = syn.sparse_twin(dense, "2:4-fp8", embed_int8=args.embed_int8)
+            fp8, meta["pack_seconds_fp8"] = syn.sparse_twin(dense, "2:4-fp8", embed_int8=args.embed_int8,
+                                                            head_int8=args.head_int8)
     else:
         raise SparseQuantError(f"{args.model} is neither a sparsequant checkpoint nor a synthetic config "
                                f"({', '.join(syn.CONFIGS)})")
     meta["build_seconds"] = time.perf_counter() - t0
     meta["embed_int8"] = bool(args.embed_int8)
+    meta["head_int8"] = bool(args.head_int8)
     meta["fused"] = bool(args.fuse)
     order = wanted or ["sparse", "sparse-fp8", "dense", "transformers"]
     for name in order:

@@ -30,6 +30,9 @@ def add_parser(subparsers, common_parent):
     p.add_argument("--embed-int8", action="store_true",
                    help="hold the input embedding as int8 rows + one scale per row (half its bytes; "
                    "refused when the LM head is tied to it)")
+    p.add_argument("--head-int8", action="store_true",
+                   help="hold the LM head as int8 rows + one scale per row (half the bytes of a decode step's "
+                   "largest read; a W8A16 kernel on CUDA)")
     p.set_defaults(func=run)
     return p
 
@@ -72,10 +75,15 @@ def run(args) -> int:
     if args.model and is_checkpoint(args.model):
         from .. import api
 
-        model, tokenizer = api.load(args.model, device=device, embed_int8=args.embed_int8, fuse=args.fuse)
+        model, tokenizer = api.load(args.model, device=device, embed_int8=args.embed_int8, fuse=args.fuse,
+                                    head_int8=args.head_int8)
     else:
         dtype = torch.float32 if device == "cpu" else torch.float16
         model, tokenizer = load_model(args.model, dtype=dtype, device=device, quiet=args.quiet)
+        if args.head_int8:
+            from ..nn.int8_linear import quantize_lm_head
+
+            quantize_lm_head(model, dtype)
         if args.embed_int8:
             from ..nn.embedding import quantize_input_embedding
 

@@ -39,3 +39,23 @@ def sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
                                          is_causal=False)
     return out.reshape(b, h, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     fallback=None, **kwargs):
+    """transformers' attention-function contract; one query token per row on CUDA, where it is the faster
+    kernel (``triton_attention.preferred``: few rows x heads, caches up to 512 positions), goes to the
+    split-KV Triton kernel (``kernels/triton_attention.py``: grouped-query heads read their shared KV
+    head, no copies), everything else to ``fallback`` (default: transformers' SDPA)."""
+    from ..kernels import triton_attention
+
+    if (query.device.type != "cuda" or dropout or kwargs.get("softcap") is not None
+            or kwargs.get("position_bias") is not None or kwargs.get("output_attentions")
+            or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None
+            or not triton_attention.supported(query, key, attention_mask)
+            or not triton_attention.preferred(query.shape[0], query.shape[1], key.shape[2])):
+        fallback = fallback if fallback is not None else ALL_ATTENTION_FUNCTIONS["sdpa"]
+        return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    return triton_attention.decode_attention_op(query, key, value, attention_mask, scale), None

@@ -27,6 +27,7 @@ hybrid tiles, no kernel for the fused shape) stays unfused; ``FusionReport`` say
 """
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass, field
 
@@ -35,7 +36,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..nn.fuse import FusionRefused, fuse_linears
-from .attention import sdpa_attention
+from .attention import decode_attention, sdpa_attention
 from .families import decoder_layers
 
 #: model types whose attention and MLP forwards have the LLaMA form (see the module docstring).
@@ -60,6 +61,7 @@ class FusedAttention:
     fused_split: tuple[int, int, int]  # output widths of q, k, v inside qkv_proj
     fused_extras: dict  # what the family's forward passes its attention function besides the tensors
     gqa_rows: bool = False  # True: SDPA through models/attention.sdpa_attention (no repeat_kv at one token)
+    decode_kernel: bool = True  # one query token on CUDA: kernels/triton_attention.py instead of SDPA
     _rotary = None  # the family's apply_rotary_pos_emb
     _eager = None  # the family's eager_attention_forward
 
@@ -78,6 +80,9 @@ class FusedAttention:
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         attend = _attention_interface(self.config, type(self)._eager, self.gqa_rows)
+        if self.decode_kernel and q.is_cuda and self.config._attn_implementation == "sdpa":
+            # one query token: the split-KV Triton kernel; anything it does not take goes to `attend`
+            attend = functools.partial(decode_attention, fallback=attend)
         out, weights = attend(self, q, k, v, attention_mask,
                               dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
                               **self.fused_extras, **kwargs)
@@ -149,13 +154,15 @@ def _fuse_group(module, names, new_name, mixin, device, dtype, extras=None):
 
 
 def fuse_projections(model: nn.Module, device=None, dtype: torch.dtype | None = None,
-                     gqa_rows: bool = False) -> FusionReport:
+                     gqa_rows: bool = False, decode_attention: bool = True) -> FusionReport:
     """Fuse q/k/v and gate/up in every decoder layer of ``model`` in place (idempotent).
 
     ``device``/``dtype``: where the model will be placed, so fused compressed linears build their
     kernel state once (``nn/fuse.py``); a model already placed needs neither. ``gqa_rows=True``
     runs grouped-query attention through ``models/attention.sdpa_attention`` (no ``repeat_kv``;
     slower on an H100 so far, see the module docstring) instead of transformers' SDPA.
+    ``decode_attention``: one query token on CUDA runs the split-KV Triton kernel
+    (``kernels/triton_attention.py``) instead of SDPA; False keeps SDPA for every step.
     """
     report = FusionReport()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -185,6 +192,7 @@ def fuse_projections(model: nn.Module, device=None, dtype: torch.dtype | None = 
                 continue
             if mixin is FusedAttention:
                 module.gqa_rows = bool(gqa_rows)
+                module.decode_kernel = bool(decode_attention)
             report.fused.append(f"{path}.{new_name}")
     if report.unfused:
         import warnings

@@ -17,7 +17,8 @@ float16 mantissa fits float32's 24 bits) and rounds once to the module's compute
 values as ``dequantize()``, whatever the dtype.
 
 Tied embeddings (LM head sharing the table, ``tie_word_embeddings``) are refused: the head would
-have no weight left.
+have no weight left - unless the head was made int8 first (``nn/int8_linear.quantize_lm_head``, which
+gives it its own table and unties the config).
 """
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ from ..errors import SparseQuantError
 from ..models.families import decoder_layers, layer_linears, layers_prefix
 from ..nn.convert import place_on_device
 from ..nn.embedding import Int8Embedding, embedding_device_dtype, quantize_input_embedding
+from ..nn.int8_linear import Int8Linear, quantize_lm_head
 from ..nn.linear import SparseQuantLinear
 
 CONFIGS = {
@@ -178,19 +179,21 @@ def _skeleton_like(model, dtype):
     twin = _empty_model(AutoModelForCausalLM, model.config, dtype)
     if is_fused(model):
         rows = any(m.gqa_rows for m in model.modules() if isinstance(m, FusedAttention))
-        fuse_projections(twin, gqa_rows=rows)
+        dk = all(m.decode_kernel for m in model.modules() if isinstance(m, FusedAttention))
+        fuse_projections(twin, gqa_rows=rows, decode_attention=dk)
     return twin
 
 
 @torch.no_grad()
-def sparse_twin(dense, scheme: str | Scheme = "2:4-w4a16", embed_int8: bool = False):
+def sparse_twin(dense, scheme: str | Scheme = "2:4-w4a16", embed_int8: bool = False, head_int8: bool = False):
     """A model that shares ``dense``'s embeddings, norms and LM head and holds its decoder linears
     compressed to ``scheme`` as SparseQuantLinear modules, kernels prepared on dense's device.
 
     The dense model is left untouched, so both can be measured in the same process; the twin adds
     only the packed weights to the device's memory. ``embed_int8`` gives the twin its own int8 copy
     of the input embedding (``nn/embedding.py``) instead of sharing dense's table, so
-    ``weight_bytes_on(twin)`` counts codes + scales. A ``dense`` with fused projections
+    ``weight_bytes_on(twin)`` counts codes + scales; ``head_int8`` does the same for the LM head
+    (``nn/int8_linear.py``). A ``dense`` with fused projections
     (``models/fused.py``) gives a fused twin: each fused weight is packed as one (magnitude 2:4 and
     RTN work row by row, so that equals stacking the parts' packs). Returns ``(twin, seconds spent packing)``.
     """
@@ -214,6 +217,8 @@ def sparse_twin(dense, scheme: str | Scheme = "2:4-w4a16", embed_int8: bool = Fa
     twin.load_state_dict(state, strict=False, assign=True)
     if getattr(dense.config, "tie_word_embeddings", False):
         twin.tie_weights()
+    if head_int8:
+        quantize_lm_head(twin, dtype)
     if embed_int8:
         quantize_input_embedding(twin, dtype)  # refuses tied embeddings
     missing = [n for n, t in [*twin.named_parameters(), *twin.named_buffers()] if t.is_meta]
@@ -264,7 +269,8 @@ def dense_twin(model):
     """The uncompressed counterpart of a model with SparseQuantLinear modules: same embeddings,
     norms and head (shared), each compressed linear replaced by an nn.Linear holding its dequantized
     weight in the model's dtype on its device. The dense baseline of ``sparsequant bench <checkpoint>``.
-    An Int8Embedding becomes an nn.Embedding holding its dequantized table (the same values)."""
+    An Int8Embedding becomes an nn.Embedding holding its dequantized table (the same values), an int8
+    LM head (Int8Linear) an nn.Linear holding its dequantized weight."""
     device, dtype = embedding_device_dtype(model)
     twin = _skeleton_like(model, dtype)
     sq = {n: m for n, m in model.named_modules() if isinstance(m, SparseQuantLinear)}
@@ -282,6 +288,12 @@ def dense_twin(model):
         emb = nn.Embedding(q.num_embeddings, q.embedding_dim, q.padding_idx, device=device, dtype=dtype)
         emb.weight.requires_grad_(False).copy_(q.dequantize())
         twin.set_input_embeddings(emb)
+        skip |= {k for k in model.state_dict() if k.endswith((".codes", ".scales"))}
+    head = model.get_output_embeddings()
+    if isinstance(head, Int8Linear):
+        lin = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device=device, dtype=dtype)
+        lin.weight.requires_grad_(False).copy_(head.dequantize().to(device, dtype))
+        twin.set_output_embeddings(lin)
         skip |= {k for k in model.state_dict() if k.endswith((".codes", ".scales"))}
     twin.load_state_dict({k: v for k, v in model.state_dict().items() if k not in skip}, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
